@@ -1,0 +1,203 @@
+"""The `rayft` command line.
+
+    rayft config validate FILE [--set k=v ...]
+    rayft config show FILE [--set k=v ...]
+    rayft tiny-model DIR
+    rayft data prepare FILE [--out DIR] [--set k=v ...]
+    rayft data inspect FILE [-n N] [--set k=v ...]
+    rayft quickstart [--workdir DIR]
+
+Exit codes: 0 success, 2 a usage or config error (the message says what to fix), 1 anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def _load(args):
+    from .config import load_config
+
+    return load_config(args.file, args.set or [])
+
+
+def cmd_config_validate(args) -> int:
+    cfg = _load(args)
+    print(f"{args.file}: valid (run {cfg.name!r}, {len(cfg.data.sources)} source(s), model {cfg.model.name_or_path})")
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    from .config import dump_config
+
+    print(dump_config(_load(args)), end="")
+    return 0
+
+
+def cmd_tiny_model(args) -> int:
+    from train.tiny_model import build_tiny_model
+
+    files = args.corpus or None
+    out = build_tiny_model(args.dir, corpus_files=files, vocab_size=args.vocab_size)
+    print(f"tiny Llama and tokenizer written to {out}")
+    print(f"use it with: model: {{name_or_path: {out}}}")
+    return 0
+
+
+def _tokenizer_spec(cfg):
+    from data.pipeline import TokenizerSpec
+
+    return TokenizerSpec(cfg.model.tokenizer_name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+
+
+def run_data_prepare(cfg, out_dir: Optional[str], log=print):
+    """Prepare the data of a config (Ray must be connected); writes outputs when out_dir is given."""
+    from data.pipeline import format_report, prepare
+
+    prepared = prepare(cfg.data, _tokenizer_spec(cfg), log=log)
+    if out_dir:
+        write_prepared(prepared, out_dir)
+    log(format_report(prepared.report))
+    return prepared
+
+
+def write_prepared(prepared, out_dir: str) -> None:
+    """Train/eval Parquet, rejects.jsonl and report.json under out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "eval"):
+        target = out / name
+        if target.exists():
+            import shutil
+
+            shutil.rmtree(target)
+    prepared.train.write_parquet(str((out / "train").resolve()))
+    if prepared.eval is not None:
+        prepared.eval.write_parquet(str((out / "eval").resolve()))
+    n = 0
+    with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
+        for row in prepared.rejects.iter_rows():
+            rec = {k: row[k] for k in ("source", "file", "row", "line", "reason", "detail", "raw")}
+            rec["line"] = None if rec["line"] < 0 else rec["line"]
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += 1
+    report = dict(prepared.report)
+    report["outputs"] = {"train": str(out / "train"), "eval": str(out / "eval") if prepared.eval is not None else None,
+                         "rejects": str(out / "rejects.jsonl"), "rejects_rows": n}
+    with open(out / "report.json", "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {out}/train, {out}/eval, {out}/rejects.jsonl ({n} rows), {out}/report.json")
+
+
+def cmd_data_prepare(args) -> int:
+    from .ray_conn import connect
+
+    cfg = _load(args)
+    print(connect(cfg.ray.address, cfg.ray.num_cpus))
+    out_dir = args.out or os.path.join(cfg.run_dir, "data")
+    run_data_prepare(cfg, out_dir)
+    return 0
+
+
+def cmd_data_inspect(args) -> int:
+    from data.inspect import inspect_examples
+
+    cfg = _load(args)
+    color = sys.stdout.isatty() and not args.no_color
+    print(inspect_examples(cfg.data, _tokenizer_spec(cfg), args.n, color=color))
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    """Build the tiny model, prepare the sample data and print the report (later: train, tune, serve)."""
+    from train.tiny_model import build_tiny_model
+
+    from .config import load_config
+    from .ray_conn import connect
+
+    root = Path(__file__).resolve().parent.parent
+    config_path = root / "examples" / "quickstart.yaml"
+    workdir = Path(args.workdir).resolve()
+    model_dir = workdir / "tiny-model"
+    if not (model_dir / "config.json").exists():
+        print(f"[1/2] building the tiny model in {model_dir} (no weights can be downloaded here)")
+        build_tiny_model(str(model_dir))
+    else:
+        print(f"[1/2] tiny model already in {model_dir}")
+    os.chdir(root)  # the example's paths are relative to the project folder
+    cfg = load_config(config_path, [f"model.name_or_path={model_dir}", f"storage_path={workdir}"])
+    print(f"[2/2] preparing the sample data of {config_path.relative_to(root)}")
+    print(connect(cfg.ray.address, cfg.ray.num_cpus))
+    run_data_prepare(cfg, os.path.join(cfg.run_dir, "data"))
+    print("\nnext: rayft data inspect examples/quickstart.yaml -n 3 "
+          f"--set model.name_or_path={model_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rayft", description="LoRA fine-tuning on Ray, from data to an OpenAI-compatible endpoint.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_file(sp):
+        sp.add_argument("file", help="the run's YAML config")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. --set data.max_seq_length=1024 (repeatable)")
+        return sp
+
+    cfg = sub.add_parser("config", help="check or print a config").add_subparsers(dest="action", required=True, metavar="ACTION")
+    with_file(cfg.add_parser("validate", help="exit 0 if the config is valid, else print what is wrong")).set_defaults(fn=cmd_config_validate)
+    with_file(cfg.add_parser("show", help="print the config with every default filled in")).set_defaults(fn=cmd_config_show)
+
+    tm = sub.add_parser("tiny-model", help="write a tiny Llama + tokenizer for tests and the quickstart")
+    tm.add_argument("dir")
+    tm.add_argument("--corpus", nargs="*", help="text files to train the tokenizer on (default: examples/data)")
+    tm.add_argument("--vocab-size", type=int, default=1024)
+    tm.set_defaults(fn=cmd_tiny_model)
+
+    data = sub.add_parser("data", help="prepare or inspect the training data").add_subparsers(dest="action", required=True, metavar="ACTION")
+    dp = with_file(data.add_parser("prepare", help="run the data pipeline; write Parquet, rejects and report"))
+    dp.add_argument("--out", help="output folder (default: <storage_path>/<name>/data)")
+    dp.set_defaults(fn=cmd_data_prepare)
+    di = with_file(data.add_parser("inspect", help="print rendered examples with the trained-on spans marked"))
+    di.add_argument("-n", type=int, default=3, help="how many examples")
+    di.add_argument("--no-color", action="store_true", help="mark spans with [[ ]] even on a terminal")
+    di.set_defaults(fn=cmd_data_inspect)
+
+    qs = sub.add_parser("quickstart", help="tiny model + sample data, end to end on this machine")
+    qs.add_argument("--workdir", default="runs/quickstart", help="where the tiny model and outputs go")
+    qs.set_defaults(fn=cmd_quickstart)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from data.chat import TemplateError
+    from data.formats import SourceError
+
+    from .config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, SourceError, TemplateError, UserError) as e:
+        _err(str(e))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

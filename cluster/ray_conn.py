@@ -1,0 +1,32 @@
+"""Connecting to Ray: join a cluster when an address is given, otherwise start a local one.
+
+A plain `ray.init()` would join whatever cluster a stale `ray start` left behind; the local case
+asks for `address="local"` explicitly so the run is self-contained.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+
+def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, quiet: bool = True) -> str:
+    """Initialise Ray once; returns a short description of where we are connected."""
+    import ray
+
+    if ray.is_initialized():
+        return "already connected"
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Workers must import our packages from the project folder, local or on a cluster.
+    if address:
+        ray.init(address=address, log_to_driver=not quiet, logging_level="WARNING" if quiet else "INFO")
+        return f"joined Ray at {address}"
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=not quiet,
+        logging_level="WARNING" if quiet else "INFO",
+        _node_ip_address="127.0.0.1",
+    )
+    return f"started a local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"

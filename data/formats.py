@@ -1,0 +1,258 @@
+"""Reading files into records, one record per row, each with where it came from.
+
+A record that cannot be read (bad JSON, bad UTF-8, a JSON value that is not an object) is not an
+exception: it comes back with a reject reason, so the caller can put it in the rejects file.
+"""
+from __future__ import annotations
+
+import csv
+import glob as _glob
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+EXTENSIONS = {
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+
+
+@dataclass
+class RawRecord:
+    row: int  # 1-based record index in the file
+    line: Optional[int]  # 1-based physical line for JSONL/CSV, None for JSON arrays and Parquet
+    record: Optional[dict]  # the parsed row, or None when it could not be read
+    raw: str  # the row as text, for the rejects file
+    reason: str = ""  # reject reason when record is None
+    detail: str = ""
+
+
+class SourceError(ValueError):
+    """A source that cannot be read at all (no files, unknown format)."""
+
+
+def detect_format(path: str, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    base = path.lower()
+    for ext in (".gz", ".zst", ".bz2"):
+        if base.endswith(ext):
+            base = base[: -len(ext)]
+    ext = os.path.splitext(base)[1]
+    if ext not in EXTENSIONS:
+        raise SourceError(
+            f"cannot tell the format of {path!r} from its extension {ext or '(none)'!r}; "
+            f"set `format:` to one of json, jsonl, csv, parquet"
+        )
+    return EXTENSIONS[ext]
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def list_files(path: str) -> list[str]:
+    """Expand a file, glob or folder (local or URI) into a sorted list of files."""
+    if _is_uri(path):
+        return _list_remote(path)
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    if any(ch in path for ch in "*?["):
+        files = [p for p in _glob.glob(path, recursive=True) if os.path.isfile(p)]
+    elif os.path.isdir(path):
+        files = [
+            os.path.join(root, f)
+            for root, _, names in os.walk(path)
+            for f in names
+            if not f.startswith((".", "_"))
+        ]
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        files = []
+    return sorted(os.path.abspath(f) for f in files)
+
+
+def _list_remote(uri: str) -> list[str]:
+    import fnmatch
+
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri.split("*")[0].rsplit("/", 1)[0] + "/" if "*" in uri else uri)
+    scheme = uri.split("://", 1)[0]
+    pattern = uri.split("://", 1)[1] if "*" in uri or "?" in uri else None
+    info = fs.get_file_info(root)
+    if pattern is None and info.type == pafs.FileType.File:
+        return [uri]
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    out = []
+    for i in infos:
+        if i.type != pafs.FileType.File or i.base_name.startswith((".", "_")):
+            continue
+        if pattern is not None and not fnmatch.fnmatch(i.path, pattern):
+            continue
+        out.append(f"{scheme}://{i.path}")
+    return sorted(out)
+
+
+def _text(raw: str, limit: int) -> str:
+    if len(raw) <= limit:
+        return raw
+    return raw[:limit] + f"... [cut: {len(raw)} characters in all]"
+
+
+def _decode(data: bytes) -> tuple[str, str]:
+    """Decode bytes as UTF-8, keeping undecodable bytes as surrogates so each row can be judged alone."""
+    text = data.decode("utf-8", errors="surrogateescape")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    return text, ""
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
+
+
+def _as_record(value: Any, row: int, line: Optional[int], raw: str, limit: int) -> RawRecord:
+    if isinstance(value, dict):
+        return RawRecord(row, line, value, raw)
+    return RawRecord(
+        row, line, None, _text(raw, limit), "wrong_type",
+        f"a row must be a JSON object, got a {type(value).__name__}",
+    )
+
+
+def iter_records(data: bytes, fmt: str, raw_limit: int = 4000) -> Iterator[RawRecord]:
+    """Parse one file's bytes into records. Never raises on row-level problems."""
+    if fmt == "parquet":
+        yield from _iter_parquet(data, raw_limit)
+        return
+    text, _ = _decode(data)
+    if fmt == "json":
+        stripped = text.lstrip()
+        if stripped.startswith("["):
+            yield from _iter_json_array(text, raw_limit)
+            return
+        fmt = "jsonl"  # a .json file holding one object per line
+    if fmt == "jsonl":
+        yield from _iter_jsonl(text, raw_limit)
+    elif fmt == "csv":
+        yield from _iter_csv(text, raw_limit)
+    else:
+        raise SourceError(f"unknown format {fmt!r}")
+
+
+def _iter_jsonl(text: str, limit: int) -> Iterator[RawRecord]:
+    row = 0
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        row += 1
+        if _has_surrogates(line):
+            yield RawRecord(row, lineno, None, _text(_printable(line), limit), "undecodable_text",
+                            "the line is not valid UTF-8")
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield RawRecord(row, lineno, None, _text(line, limit), "unparsable_json", f"invalid JSON: {e.msg} at column {e.colno}")
+            continue
+        yield _as_record(value, row, lineno, line, limit)
+
+
+def _iter_json_array(text: str, limit: int) -> Iterator[RawRecord]:
+    if _has_surrogates(text):
+        # A JSON array is one document: find the elements anyway by decoding leniently, then judge each.
+        lenient = text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+    else:
+        lenient = text
+    try:
+        values = json.loads(lenient)
+    except json.JSONDecodeError as e:
+        yield RawRecord(1, None, None, _text(text if not _has_surrogates(text) else lenient, limit), "unparsable_json",
+                        f"the file is not a valid JSON array: {e.msg} at line {e.lineno} column {e.colno}")
+        return
+    for i, value in enumerate(values, start=1):
+        raw = json.dumps(value, ensure_ascii=False)
+        if lenient is not text and "\ufffd" in raw:
+            yield RawRecord(i, None, None, _text(raw, limit), "undecodable_text", "the row holds bytes that are not valid UTF-8")
+            continue
+        yield _as_record(value, i, None, raw, limit)
+
+
+def _iter_csv(text: str, limit: int) -> Iterator[RawRecord]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as e:
+        yield RawRecord(1, 1, None, "", "unparsable_csv", f"the header cannot be read: {e}")
+        return
+    header = [h.strip() for h in header]
+    row = 0
+    while True:
+        start_line = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            row += 1
+            yield RawRecord(row, start_line, None, "", "unparsable_csv", str(e))
+            continue
+        if not cells or all(not c.strip() for c in cells):
+            continue
+        row += 1
+        raw = json.dumps(dict(zip(header, cells)), ensure_ascii=False) if len(cells) == len(header) else json.dumps(cells, ensure_ascii=False)
+        if any(_has_surrogates(c) for c in cells):
+            yield RawRecord(row, start_line, None, _text(_printable(raw), limit), "undecodable_text",
+                            "the row is not valid UTF-8")
+            continue
+        if len(cells) != len(header):
+            yield RawRecord(row, start_line, None, _text(raw, limit), "wrong_type",
+                            f"the row has {len(cells)} cells but the header has {len(header)} columns")
+            continue
+        yield RawRecord(row, start_line, dict(zip(header, cells)), raw)
+
+
+def _iter_parquet(data: bytes, limit: int) -> Iterator[RawRecord]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(data))
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        yield RawRecord(1, None, None, "", "unparsable_parquet", f"the file is not readable Parquet: {e}")
+        return
+    row = 0
+    for batch in pf.iter_batches(batch_size=4096):
+        for value in batch.to_pylist():
+            row += 1
+            raw = json.dumps(value, ensure_ascii=False, default=str)
+            yield RawRecord(row, None, value, raw)
+
+
+def read_bytes(path: str) -> bytes:
+    if _is_uri(path):
+        import pyarrow.fs as pafs
+
+        fs, p = pafs.FileSystem.from_uri(path)
+        with fs.open_input_stream(p) as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()

@@ -1,0 +1,487 @@
+"""The data pipeline on Ray Data: sources -> conversations -> (input_ids, labels) blocks.
+
+    read files -> parse + normalise + validate + redact   (one task per file, rows keep source/row/line)
+               -> dedup (keys gathered on the driver, first occurrence wins)
+               -> render chat + loss mask + tokenize + truncation policy + split
+               -> train: weight, pack | eval: pack       -> ray.data.Dataset each
+    every rejected row -> rejects (source, file, row, line, reason, detail, raw)
+
+Nothing is dropped without a trace: for every source, read = kept + rejected (duplicates are a
+reject reason). Ray must be initialised by the caller (cluster/ owns the connection).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from .chat import TemplateError, fit_conversation, render_segments, tokenize_segments
+from .config import DataConfig, SourceConfig
+from .formats import SourceError, detect_format, iter_records, list_files, read_bytes
+from .pack import pack_examples, padding_waste_unpacked, single_examples
+from .redact import PII_KINDS, redact, redact_messages
+from .schemas import SCHEMAS, Reject, apply_column_map, content_key, detect_schema, normalise
+
+PEEK_ROWS = 50
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """Which tokenizer to load in each worker (data/ does not know the model section)."""
+
+    name_or_path: str
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(spec: TokenizerSpec):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except OSError as e:
+        raise SourceError(
+            f"model.tokenizer {spec.name_or_path!r} cannot be loaded: {e}. Give a hub id or a folder holding "
+            f"tokenizer files (for a local test model: rayft tiny-model DIR)"
+        ) from None
+    return tok
+
+
+def pad_token_id(tok) -> int:
+    for tid in (tok.pad_token_id, tok.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+@dataclass
+class SourcePlan:
+    index: int
+    name: str
+    config: dict  # SourceConfig as a plain dict (shipped to workers)
+    files: list[str]
+    formats: dict[str, str]
+    schema: str
+    schema_note: str
+
+
+@dataclass
+class Prepared:
+    train: Any  # ray.data.Dataset of packed (or single) examples
+    eval: Any  # ray.data.Dataset, or None when there is no eval split
+    rejects: Any  # ray.data.Dataset of rejected rows
+    report: dict
+    packed: bool
+    pad_token_id: int
+    plans: list[SourcePlan] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------- planning
+
+
+def plan_sources(cfg: DataConfig, log: Callable[[str], None] = print) -> list[SourcePlan]:
+    """List each source's files and settle its format and schema (auto detection happens here)."""
+    plans = []
+    for i, src in enumerate(cfg.sources):
+        where = f"data.sources.{i} ({src.display_name})"
+        files = list_files(src.path)
+        if not files:
+            raise SourceError(f"{where}: path {src.path!r} matches no file; check the path, glob or folder")
+        formats = {}
+        for f in files:
+            try:
+                formats[f] = detect_format(f, src.format)
+            except SourceError as e:
+                raise SourceError(f"{where}: {e}") from None
+        schema, note = src.data_schema, "set in the config"
+        if schema == "auto":
+            schema, note = _detect(src, files, formats, where, cfg.rejects_sample_chars)
+        plans.append(SourcePlan(i, src.display_name, src.model_dump(by_alias=False), files, formats, schema, note))
+        fmts = sorted(set(formats.values()))
+        log(f"source {src.display_name}: {len(files)} file(s), format {'/'.join(fmts)}, schema {schema} ({note})")
+    return plans
+
+
+def _detect(src: SourceConfig, files: list[str], formats: dict, where: str, limit: int) -> tuple[str, str]:
+    records, columns = [], set()
+    for f in files:
+        for rec in iter_records(_head(f, formats[f]), formats[f], limit):
+            if rec.record is not None:
+                r = apply_column_map(rec.record, src.column_map)
+                records.append(r)
+                columns.update(r)
+            if len(records) >= PEEK_ROWS:
+                break
+        if len(records) >= PEEK_ROWS:
+            break
+    schema, votes = detect_schema(records)
+    if schema is None:
+        raise SourceError(
+            f"{where}: cannot detect the schema from columns {sorted(columns) or '(no readable rows)'}. Set `schema:` "
+            f"to one of {', '.join(SCHEMAS)}, or map columns with `column_map:` (for example "
+            f"{{ticket: question, reply: answer}}). Expected columns: messages (openai), conversations (sharegpt), "
+            f"instruction+output (alpaca), prompt+completion, question+answer (qa)"
+        )
+    n = sum(votes.values())
+    return schema, f"auto: {votes[schema]}/{len(records)} sampled rows look like {schema}" + (
+        f", others {dict(votes)}" if n != votes[schema] else ""
+    )
+
+
+def _head(path: str, fmt: str, nbytes: int = 1 << 20) -> bytes:
+    data = read_bytes(path)
+    if fmt in ("jsonl", "csv") and len(data) > nbytes:
+        cut = data.rfind(b"\n", 0, nbytes)
+        data = data[: cut if cut > 0 else nbytes]
+    return data
+
+
+# ------------------------------------------------------------------------------- stage 1: normalise
+
+
+def _row_id(source_idx: int, file: str, row: int) -> str:
+    return f"{source_idx}\x1f{file}\x1f{row}"
+
+
+def parse_file(item: dict, plan: dict, redact_pii: bool, raw_limit: int) -> list[dict]:
+    """One file -> one output row per input row, kept or rejected."""
+    path = item["path"]
+    src = plan["config"]
+    fmt = plan["formats"].get(path) or next(v for k, v in plan["formats"].items() if k.endswith(path) or path.endswith(k.split("://")[-1]))
+    out = []
+    for rec in iter_records(item["bytes"], fmt, raw_limit):
+        row = {
+            "source_idx": plan["index"], "source": plan["name"], "file": path, "row": rec.row,
+            "line": rec.line if rec.line is not None else -1, "reason": rec.reason, "detail": rec.detail,
+            "raw": rec.raw, "messages": "", "key": "",
+        }
+        for k in PII_KINDS:
+            row["pii_" + k] = 0
+        if rec.record is not None:
+            try:
+                messages = normalise(apply_column_map(rec.record, src["column_map"]), plan["schema"], src["system_prompt"])
+                if redact_pii:
+                    messages, counts = redact_messages(messages)
+                    for k, v in counts.items():
+                        row["pii_" + k] = v
+                row["messages"] = json.dumps(messages, ensure_ascii=False)
+                row["key"] = hashlib.blake2b(content_key(messages).encode(), digest_size=16).hexdigest()
+                row["raw"] = ""  # kept rows carry only what training needs
+            except Reject as r:
+                row["reason"], row["detail"] = r.reason, r.detail
+        if row["reason"] and len(row["raw"]) > raw_limit:
+            row["raw"] = row["raw"][:raw_limit] + f"... [cut: {len(row['raw'])} characters in all]"
+        if row["reason"] and redact_pii:
+            row["raw"] = redact(row["raw"])[0]
+        out.append(row)
+    return out
+
+
+# --------------------------------------------------------------------------------- stage 2: render
+
+
+def _unit_hash(seed: int, salt: str, key: str) -> float:
+    h = hashlib.blake2b(f"{seed}:{salt}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64
+
+
+def render_batch(batch: pa.Table, spec: TokenizerSpec, cfg: dict, split_of: dict, duplicates_ref) -> pa.Table:
+    """Tokenize kept rows, apply the truncation policy, mark duplicates and the split."""
+    import ray
+
+    tok = load_tokenizer(spec)
+    dups = _get_cached(duplicates_ref) if duplicates_ref is not None else {}
+    cols = batch.to_pydict()
+    n = batch.num_rows
+    input_ids: list = [[] for _ in range(n)]
+    masks: list = [[] for _ in range(n)]
+    truncated = [False] * n
+    split = [""] * n
+    todo, segs = [], []
+    for i in range(n):
+        if cols["reason"][i]:
+            continue
+        rid = _row_id(cols["source_idx"][i], cols["file"][i], cols["row"][i])
+        if rid in dups:
+            cols["reason"][i] = "duplicate"
+            cols["detail"][i] = f"same conversation as {dups[rid]}"
+            cols["raw"][i] = cols["messages"][i]
+            continue
+        try:
+            segs.append(render_segments(json.loads(cols["messages"][i]), tok, cfg["chat_template"]))
+        except TemplateError:
+            raise
+        todo.append(i)
+    rendered = tokenize_segments(segs, tok)
+    for i, (ids, mask) in zip(todo, rendered):
+        messages = json.loads(cols["messages"][i])
+        ids, mask, cut, why = fit_conversation(
+            messages, tok, cfg["max_seq_length"], cfg["truncation"], cfg["chat_template"], rendered=(ids, mask)
+        )
+        if ids is None:
+            cols["reason"][i], cols["detail"][i], cols["raw"][i] = "too_long", why, cols["messages"][i]
+            continue
+        if not any(mask):
+            cols["reason"][i], cols["detail"][i], cols["raw"][i] = "empty_content", "no assistant token after rendering", cols["messages"][i]
+            continue
+        input_ids[i], masks[i], truncated[i] = ids, mask, cut
+        fixed = split_of.get(cols["source_idx"][i])
+        if fixed:
+            split[i] = fixed
+        else:
+            split[i] = "eval" if _unit_hash(cfg["seed"], "split", cols["key"][i]) < cfg["eval_fraction"] else "train"
+    cols["input_ids"] = pa.array(input_ids, type=pa.list_(pa.int32()))
+    cols["loss_mask"] = pa.array(masks, type=pa.list_(pa.int8()))
+    cols["num_tokens"] = [len(x) for x in input_ids]
+    cols["truncated"] = truncated
+    cols["split"] = split
+    cols["messages"] = ["" if cols["reason"][i] else cols["messages"][i] for i in range(n)]
+    return pa.table(cols)
+
+
+_CACHE: dict = {}
+
+
+def _get_cached(ref):
+    import ray
+
+    key = ref.hex() if hasattr(ref, "hex") else id(ref)
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = ray.get(ref)
+    return _CACHE[key]
+
+
+# ----------------------------------------------------------------------------------- stage 3: pack
+
+
+def select_split(batch: pa.Table, split: str, weights: dict, seed: int) -> pa.Table:
+    """Rows of one split; in train, each row repeated by its source weight (deterministically)."""
+    import pyarrow.compute as pc
+
+    t = batch.filter(pc.and_(pc.equal(batch["reason"], ""), pc.equal(batch["split"], split)))
+    t = t.select(["source_idx", "key", "input_ids", "loss_mask"])
+    if split != "train" or all(w == 1.0 for w in weights.values()) or t.num_rows == 0:
+        return t
+    take = []
+    src = t["source_idx"].to_pylist()
+    keys = t["key"].to_pylist()
+    for i, (s, k) in enumerate(zip(src, keys)):
+        w = weights[s]
+        copies = int(math.floor(w)) + (1 if _unit_hash(seed, "weight", k) < w - math.floor(w) else 0)
+        take.extend([i] * copies)
+    return t.take(pa.array(take, type=pa.int64()))
+
+
+def pack_batch(batch: pa.Table, block_len: int, pad_id: int, packing: bool) -> pa.Table:
+    ids = batch["input_ids"].to_numpy(zero_copy_only=False) if batch.num_rows else []
+    masks = batch["loss_mask"].to_numpy(zero_copy_only=False) if batch.num_rows else []
+    cols = pack_examples(ids, masks, block_len, pad_id) if packing else single_examples(ids, masks)
+    return pa.table({
+        "input_ids": pa.array(cols["input_ids"], type=pa.list_(pa.int32())),
+        "labels": pa.array(cols["labels"], type=pa.list_(pa.int32())),
+        "position_ids": pa.array(cols["position_ids"], type=pa.list_(pa.int32())),
+        "num_tokens": pa.array(cols["num_tokens"], type=pa.int32()),
+        "num_loss_tokens": pa.array(cols["num_loss_tokens"], type=pa.int32()),
+        "num_examples": pa.array(cols["num_examples"], type=pa.int32()),
+    })
+
+
+# ---------------------------------------------------------------------------------------- the run
+
+
+def prepare(
+    cfg: DataConfig,
+    tokenizer: TokenizerSpec,
+    micro_batch_size: int = 8,
+    log: Callable[[str], None] = print,
+    pack_batch_rows: int = 4096,
+) -> Prepared:
+    """Run the whole pipeline. Raises SourceError for a source that cannot be used at all."""
+    import ray
+    import ray.data
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same config, same data order: resumable and reproducible
+    t0 = time.perf_counter()
+    tok = load_tokenizer(tokenizer)
+    pad_id = pad_token_id(tok)
+    plans = plan_sources(cfg, log)
+
+    parts = []
+    for p in plans:
+        plan = {"index": p.index, "name": p.name, "config": p.config, "formats": p.formats, "schema": p.schema}
+        ds = ray.data.read_binary_files(p.files, include_paths=True)
+        parts.append(ds.flat_map(parse_file, fn_kwargs={
+            "plan": plan, "redact_pii": cfg.redact_pii, "raw_limit": cfg.rejects_sample_chars}))
+    normalised = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
+    log(f"read and normalised {normalised.count()} rows in {time.perf_counter() - t0:.1f}s")
+
+    duplicates_ref = None
+    if cfg.dedup:
+        duplicates_ref = ray.put(_find_duplicates(normalised))
+
+    conf = {"max_seq_length": cfg.max_seq_length, "truncation": cfg.truncation,
+            "chat_template": cfg.chat_template, "seed": cfg.seed, "eval_fraction": cfg.eval_fraction}
+    split_of = {p.index: p.config["split"] for p in plans if p.config["split"]}
+    rendered = normalised.map_batches(
+        render_batch, batch_format="pyarrow", batch_size=512,
+        fn_kwargs={"spec": tokenizer, "cfg": conf, "split_of": split_of, "duplicates_ref": duplicates_ref},
+    ).materialize()
+    log(f"rendered and tokenized in {time.perf_counter() - t0:.1f}s")
+
+    weights = {p.index: float(p.config["weight"]) for p in plans}
+    out = {}
+    for split in ("train", "eval"):
+        ds = rendered.map_batches(select_split, batch_format="pyarrow", batch_size=None,
+                                  fn_kwargs={"split": split, "weights": weights, "seed": cfg.seed})
+        out[split] = ds.map_batches(
+            pack_batch, batch_format="pyarrow", batch_size=pack_batch_rows,
+            fn_kwargs={"block_len": cfg.max_seq_length, "pad_id": pad_id, "packing": cfg.packing},
+        ).materialize()
+    rejects = rendered.map_batches(_rejected_rows, batch_format="pyarrow", batch_size=None).materialize()
+
+    report = build_report(cfg, plans, rendered, out["train"], out["eval"], micro_batch_size, tokenizer)
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    eval_ds = out["eval"] if report["totals"]["eval_examples"] > 0 else None
+    return Prepared(out["train"], eval_ds, rejects, report, cfg.packing, pad_id, plans)
+
+
+def _find_duplicates(normalised) -> dict[str, str]:
+    """Row id -> 'file row N' of the first row with the same content; order is (source, file, row)."""
+    first: dict[str, tuple] = {}
+    dups: dict[str, str] = {}
+    rows = []
+    for b in normalised.select_columns(["source_idx", "file", "row", "key", "reason"]).iter_batches(batch_format="pyarrow", batch_size=65536):
+        d = b.to_pydict()
+        rows.extend(zip(d["source_idx"], d["file"], d["row"], d["key"], d["reason"]))
+    rows.sort(key=lambda r: (r[0], r[1], r[2]))
+    for s, f, r, k, reason in rows:
+        if reason:
+            continue
+        if k in first:
+            fs, ff, fr = first[k]
+            dups[_row_id(s, f, r)] = f"{ff.rsplit('/', 1)[-1]} row {fr}"
+        else:
+            first[k] = (s, f, r)
+    return dups
+
+
+def _rejected_rows(batch: pa.Table) -> pa.Table:
+    import pyarrow.compute as pc
+
+    t = batch.filter(pc.not_equal(batch["reason"], ""))
+    return t.select(["source", "file", "row", "line", "reason", "detail", "raw"])
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def build_report(cfg: DataConfig, plans, rendered, train, eval_, micro_batch_size: int, tokenizer: TokenizerSpec) -> dict:
+    per = {p.index: {
+        "name": p.name, "path": p.config["path"], "files": len(p.files),
+        "format": "/".join(sorted(set(p.formats.values()))), "schema": p.schema, "schema_note": p.schema_note,
+        "weight": p.config["weight"], "read": 0, "kept": 0, "rejected": 0, "rejected_by_reason": {},
+        "duplicates_removed": 0, "truncated": 0, "train_examples": 0, "eval_examples": 0,
+        "pii_redacted": {k: 0 for k in PII_KINDS},
+    } for p in plans}
+    lengths = []
+    cols = ["source_idx", "reason", "truncated", "num_tokens", "split"] + ["pii_" + k for k in PII_KINDS]
+    for b in rendered.select_columns(cols).iter_batches(batch_format="pyarrow", batch_size=65536):
+        d = b.to_pydict()
+        for i in range(b.num_rows):
+            s = per[d["source_idx"][i]]
+            s["read"] += 1
+            reason = d["reason"][i]
+            if reason:
+                s["rejected"] += 1
+                s["rejected_by_reason"][reason] = s["rejected_by_reason"].get(reason, 0) + 1
+                if reason == "duplicate":
+                    s["duplicates_removed"] += 1
+                continue
+            s["kept"] += 1
+            s["truncated"] += int(d["truncated"][i])
+            s[d["split"][i] + "_examples"] += 1
+            lengths.append(d["num_tokens"][i])
+            for k in PII_KINDS:
+                s["pii_redacted"][k] += d["pii_" + k][i]
+    sources = [per[p.index] for p in plans]
+    totals = {k: sum(s[k] for s in sources) for k in ("read", "kept", "rejected", "duplicates_removed", "truncated", "train_examples", "eval_examples")}
+    totals["pii_redacted"] = {k: sum(s["pii_redacted"][k] for s in sources) for k in PII_KINDS}
+    report = {"tokenizer": tokenizer.name_or_path, "sources": sources, "totals": totals}
+    lens = np.asarray(lengths, dtype=np.int64)
+    report["sequence_length"] = {
+        "examples": int(lens.size),
+        **({f"p{q}": int(np.percentile(lens, q)) for q in (50, 90, 99)} if lens.size else {}),
+        "max": int(lens.max()) if lens.size else 0,
+        "mean": round(float(lens.mean()), 1) if lens.size else 0.0,
+    }
+    report["splits"] = {name: _split_stats(ds, cfg, micro_batch_size) for name, ds in (("train", train), ("eval", eval_))}
+    report["totals"]["train_rows_after_weights"] = report["splits"]["train"]["examples"]
+    return report
+
+
+def _split_stats(ds, cfg: DataConfig, micro_batch_size: int) -> dict:
+    tokens, loss_tokens, examples, rows = 0, 0, 0, 0
+    lens = []
+    for b in ds.select_columns(["num_tokens", "num_loss_tokens", "num_examples"]).iter_batches(batch_format="numpy", batch_size=65536):
+        tokens += int(b["num_tokens"].sum())
+        loss_tokens += int(b["num_loss_tokens"].sum())
+        examples += int(b["num_examples"].sum())
+        rows += len(b["num_tokens"])
+        lens.extend(b["num_tokens"].tolist())
+    if cfg.packing:
+        total = rows * cfg.max_seq_length
+        pad = total - tokens
+    else:
+        pad, total = padding_waste_unpacked(lens, micro_batch_size) if lens else (0, 0)
+    return {
+        "examples": examples, "rows": rows, "tokens": tokens, "loss_tokens": loss_tokens,
+        "padding_waste": round(pad / total, 4) if total else 0.0,
+        "packed": cfg.packing, "block_length": cfg.max_seq_length if cfg.packing else None,
+        "padding_basis": "blocks of max_seq_length" if cfg.packing else f"batches of {micro_batch_size} padded to the longest",
+    }
+
+
+def format_report(report: dict) -> str:
+    """The report as a readable table for the terminal."""
+    lines = []
+    head = f"{'source':<18} {'schema':<18} {'read':>6} {'kept':>6} {'rejected':>8} {'dups':>5} {'trunc':>5} {'train':>6} {'eval':>5}"
+    lines.append(head)
+    lines.append("-" * len(head))
+    for s in report["sources"] + [dict(report["totals"], name="TOTAL", schema="")]:
+        lines.append(
+            f"{s['name'][:18]:<18} {s['schema'][:18]:<18} {s['read']:>6} {s['kept']:>6} {s['rejected']:>8} "
+            f"{s['duplicates_removed']:>5} {s['truncated']:>5} {s['train_examples']:>6} {s['eval_examples']:>5}"
+        )
+    lines.append("")
+    reasons: dict[str, int] = {}
+    for s in report["sources"]:
+        for r, c in s["rejected_by_reason"].items():
+            reasons[r] = reasons.get(r, 0) + c
+        if s["rejected_by_reason"]:
+            detail = ", ".join(f"{r} {c}" for r, c in sorted(s["rejected_by_reason"].items()))
+            lines.append(f"rejected in {s['name']}: {detail}")
+    pii = report["totals"]["pii_redacted"]
+    if any(pii.values()):
+        lines.append("PII redacted: " + ", ".join(f"{k} {v}" for k, v in pii.items()))
+    sl = report["sequence_length"]
+    if sl["examples"]:
+        lines.append(f"sequence length (tokens): p50 {sl['p50']}, p90 {sl['p90']}, p99 {sl['p99']}, max {sl['max']}, mean {sl['mean']}")
+    for name, s in report["splits"].items():
+        lines.append(
+            f"{name}: {s['examples']} examples in {s['rows']} rows, {s['tokens']} tokens "
+            f"({s['loss_tokens']} trained on), padding waste {100 * s['padding_waste']:.1f}% ({s['padding_basis']})"
+        )
+    return "\n".join(lines)
