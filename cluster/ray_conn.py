@@ -15,6 +15,7 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, quiet
 
     if ray.is_initialized():
         return "already connected"
+    _quiet_ray_data(quiet)
     address = address or os.environ.get("RAY_ADDRESS") or None
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     # Workers must import our packages from the project folder, local or on a cluster.
@@ -30,3 +31,16 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, quiet
         _node_ip_address="127.0.0.1",
     )
     return f"started a local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+
+
+def _quiet_ray_data(quiet: bool) -> None:
+    """Progress bars on a terminal; elsewhere (CI, logs) only rayft's own stage lines and warnings."""
+    import logging
+    import sys
+
+    from ray.data import DataContext
+
+    interactive = sys.stderr.isatty()
+    DataContext.get_current().enable_progress_bars = interactive
+    if quiet and not interactive:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -176,13 +176,12 @@ def parse_file(item: dict, plan: dict, redact_pii: bool, raw_limit: int) -> list
                         row["pii_" + k] = v
                 row["messages"] = json.dumps(messages, ensure_ascii=False)
                 row["key"] = hashlib.blake2b(content_key(messages).encode(), digest_size=16).hexdigest()
-                row["raw"] = ""  # kept rows carry only what training needs
             except Reject as r:
                 row["reason"], row["detail"] = r.reason, r.detail
-        if row["reason"] and len(row["raw"]) > raw_limit:
+        if len(row["raw"]) > raw_limit:
             row["raw"] = row["raw"][:raw_limit] + f"... [cut: {len(row['raw'])} characters in all]"
-        if row["reason"] and redact_pii:
-            row["raw"] = redact(row["raw"])[0]
+        if redact_pii:
+            row["raw"] = redact(row["raw"])[0]  # the raw text reaches the rejects file
         out.append(row)
     return out
 
@@ -215,7 +214,6 @@ def render_batch(batch: pa.Table, spec: TokenizerSpec, cfg: dict, split_of: dict
         if rid in dups:
             cols["reason"][i] = "duplicate"
             cols["detail"][i] = f"same conversation as {dups[rid]}"
-            cols["raw"][i] = cols["messages"][i]
             continue
         try:
             segs.append(render_segments(json.loads(cols["messages"][i]), tok, cfg["chat_template"]))
@@ -229,10 +227,10 @@ def render_batch(batch: pa.Table, spec: TokenizerSpec, cfg: dict, split_of: dict
             messages, tok, cfg["max_seq_length"], cfg["truncation"], cfg["chat_template"], rendered=(ids, mask)
         )
         if ids is None:
-            cols["reason"][i], cols["detail"][i], cols["raw"][i] = "too_long", why, cols["messages"][i]
+            cols["reason"][i], cols["detail"][i] = "too_long", why
             continue
         if not any(mask):
-            cols["reason"][i], cols["detail"][i], cols["raw"][i] = "empty_content", "no assistant token after rendering", cols["messages"][i]
+            cols["reason"][i], cols["detail"][i] = "empty_content", "no assistant token after rendering"
             continue
         input_ids[i], masks[i], truncated[i] = ids, mask, cut
         fixed = split_of.get(cols["source_idx"][i])
@@ -245,7 +243,9 @@ def render_batch(batch: pa.Table, spec: TokenizerSpec, cfg: dict, split_of: dict
     cols["num_tokens"] = [len(x) for x in input_ids]
     cols["truncated"] = truncated
     cols["split"] = split
+    # From here on a kept row carries only what training needs; a rejected one keeps its raw text.
     cols["messages"] = ["" if cols["reason"][i] else cols["messages"][i] for i in range(n)]
+    cols["raw"] = [cols["raw"][i] if cols["reason"][i] else "" for i in range(n)]
     return pa.table(cols)
 
 
