@@ -6,6 +6,8 @@
     rayft data prepare FILE [--out DIR] [--set k=v ...]
     rayft data inspect FILE [-n N] [--set k=v ...]
     rayft quickstart [--workdir DIR]
+    rayft train FILE [--resume] [--set k=v ...]
+    rayft export RUN --out DIR [--merge] [--checkpoint best|latest|PATH]
 
 Exit codes: 0 success, 2 a usage or config error (the message says what to fix), 1 anything else.
 """
@@ -148,6 +150,43 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    """Prepare the data, train on Ray (DeepSpeed + LoRA), track in MLflow, register the adapter."""
+    from train.trainer import USER_ERRORS, check_before_start, run_training
+
+    from .ray_conn import connect
+
+    cfg = _load(args)
+    try:
+        check_before_start(cfg.model, cfg.train)  # config mistakes surface before Ray starts
+        print(connect(cfg.ray.address, cfg.ray.num_cpus))
+        out = run_training(cfg, resume=args.resume)
+    except USER_ERRORS as e:
+        raise UserError(str(e)) from None
+    m = out.metrics
+    summary = [f"finished {m.get('global_step')}/{m.get('total_steps')} steps"]
+    if m.get("eval_loss") is not None:
+        summary.append(f"eval loss {m['eval_loss']:.4f} (before training {m.get('initial_eval_loss') or float('nan'):.4f})")
+    print(", ".join(summary))
+    print(f"run folder: {out.run_dir}")
+    print(f"adapter: {out.adapter_dir}")
+    if out.mlflow_run_id:
+        print(f"MLflow run {out.mlflow_run_id} ({out.tracking_uri})")
+    print(f"next: rayft export {out.run_dir} --out {out.run_dir}/export --merge")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from train.export import ExportError, export_run
+    from train.trainer import TrainingError
+
+    try:
+        export_run(args.run, args.out, merge=args.merge, which=args.checkpoint)
+    except (ExportError, TrainingError) as e:
+        raise UserError(str(e)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rayft", description="LoRA fine-tuning on Ray, from data to an OpenAI-compatible endpoint.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -179,6 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     qs = sub.add_parser("quickstart", help="tiny model + sample data, end to end on this machine")
     qs.add_argument("--workdir", default="runs/quickstart", help="where the tiny model and outputs go")
     qs.set_defaults(fn=cmd_quickstart)
+
+    tr = with_file(sub.add_parser("train", help="LoRA fine-tuning on Ray Train with DeepSpeed; resumes a stopped run"))
+    tr.add_argument("--resume", action="store_true",
+                    help="continue from the run's last intact checkpoint; an error if there is none "
+                    "(without it, re-running the same config also continues)")
+    tr.set_defaults(fn=cmd_train)
+
+    ex = sub.add_parser("export", help="write a run's adapter, and with --merge the merged model")
+    ex.add_argument("run", help="the run folder, <storage_path>/<name>")
+    ex.add_argument("--out", required=True, help="output folder (gets adapter/ and, with --merge, merged/)")
+    ex.add_argument("--merge", action="store_true", help="also fold the adapter into the base (checked against base+adapter)")
+    ex.add_argument("--checkpoint", default="best", help="best (lowest eval loss, default), latest, or a checkpoint folder")
+    ex.set_defaults(fn=cmd_export)
     return p
 
 

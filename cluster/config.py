@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from data.config import DataConfig
-from train.config import ModelConfig
+from train.config import ModelConfig, TrackingConfig, TrainConfig
 
 
 class RayConfig(BaseModel):
@@ -43,6 +43,8 @@ class RayftConfig(BaseModel):
     model: ModelConfig
     data: DataConfig
     ray: RayConfig = Field(default_factory=RayConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Distributed LoRA training (train/config.py).")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry.")
 
     @field_validator("name")
     @classmethod
@@ -89,7 +91,7 @@ def apply_override(raw: dict, path: list[str], value: Any, origin: str = "--set"
                 node[part] = {}
             node = node[part]
         else:
-            raise ConfigError(f"{origin} {'.'.join(path)}: {where} is a {type(node).__name__}, not a section")
+            raise ConfigError(f"{origin} {'.'.join(path)}: {'.'.join(path[:i])} is a {type(node).__name__}, not a section")
     last = path[-1]
     if isinstance(node, list):
         node[_list_index(node, last, ".".join(path), origin)] = value

@@ -128,13 +128,20 @@ def _tokenize_with_offsets(batch: Sequence[Segments], tokenizer) -> list[tuple[l
             pos += len(text)
         texts.append("".join(t for t, _ in segs))
         bounds.append(b)
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # The Rust tokenizer that the transformers wrapper calls, without building unused fields.
+        encs = backend.encode_batch(texts, add_special_tokens=False)
+        pairs = ((e.ids, e.offsets) for e in encs)
+    else:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        pairs = zip(enc["input_ids"], enc["offset_mapping"])
     out = []
-    for ids, offsets, b in zip(enc["input_ids"], enc["offset_mapping"], bounds):
+    for (ids, offsets), b in zip(pairs, bounds):
         if not ids:
             out.append(([], []))
             continue
-        starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
+        starts = np.asarray(offsets, dtype=np.int64)[:, 0]
         # bounds are [s0, e0, s1, e1, ...]; a start inside [s, e) lands at an odd insertion index.
         idx = np.searchsorted(np.asarray(b, dtype=np.int64), starts, side="right")
         out.append((list(ids), (idx % 2).astype(np.int8).tolist()))

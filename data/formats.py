@@ -124,7 +124,8 @@ def _has_surrogates(text: str) -> bool:
 
 
 def _printable(text: str) -> str:
-    return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
+    # The undecodable bytes (kept as surrogates by _decode) are shown as the bytes they were: \xff, not \udcff.
+    return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="backslashreplace")
 
 
 def _as_record(value: Any, row: int, line: Optional[int], raw: str, limit: int) -> RawRecord:
@@ -158,7 +159,10 @@ def iter_records(data: bytes, fmt: str, raw_limit: int = 4000) -> Iterator[RawRe
 
 def _iter_jsonl(text: str, limit: int) -> Iterator[RawRecord]:
     row = 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Rows end at \n (or \r\n) only: str.splitlines() would also split at U+2028, U+2029 and U+0085,
+    # which JSON allows raw inside strings (json.dumps(..., ensure_ascii=False) writes them so).
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         row += 1

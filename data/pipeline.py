@@ -30,6 +30,7 @@ from .redact import PII_KINDS, redact, redact_messages
 from .schemas import SCHEMAS, Reject, apply_column_map, content_key, detect_schema, normalise
 
 PEEK_ROWS = 50
+BLOCK_ROWS = int(__import__("os").environ.get("RAYFT_BLOCK_ROWS", 2048))
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,12 @@ class TokenizerSpec:
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(spec: TokenizerSpec):
+    import os
+
+    # Each Ray task tokenizes on its own core; the tokenizer's own thread pool would oversubscribe them.
+    if _in_ray_worker():
+        os.environ.setdefault("RAYON_NUM_THREADS", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoTokenizer
 
     try:
@@ -55,6 +62,15 @@ def load_tokenizer(spec: TokenizerSpec):
             f"tokenizer files (for a local test model: rayft tiny-model DIR)"
         ) from None
     return tok
+
+
+def _in_ray_worker() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    except Exception:  # outside Ray, or an API change: behave as the driver
+        return False
 
 
 def pad_token_id(tok) -> int:
@@ -194,35 +210,22 @@ def _unit_hash(seed: int, salt: str, key: str) -> float:
     return int.from_bytes(h, "little") / 2**64
 
 
-def render_batch(batch: pa.Table, spec: TokenizerSpec, cfg: dict, split_of: dict, duplicates_ref) -> pa.Table:
-    """Tokenize kept rows, apply the truncation policy, mark duplicates and the split."""
-    import ray
-
+def render_batch(batch: pa.Table, spec: TokenizerSpec, cfg: dict, split_of: dict) -> pa.Table:
+    """Tokenize kept rows, apply the truncation policy, choose the split."""
     tok = load_tokenizer(spec)
-    dups = _get_cached(duplicates_ref) if duplicates_ref is not None else {}
     cols = batch.to_pydict()
     n = batch.num_rows
     input_ids: list = [[] for _ in range(n)]
     masks: list = [[] for _ in range(n)]
     truncated = [False] * n
     split = [""] * n
-    todo, segs = [], []
+    todo, convs = [], []
     for i in range(n):
-        if cols["reason"][i]:
-            continue
-        rid = _row_id(cols["source_idx"][i], cols["file"][i], cols["row"][i])
-        if rid in dups:
-            cols["reason"][i] = "duplicate"
-            cols["detail"][i] = f"same conversation as {dups[rid]}"
-            continue
-        try:
-            segs.append(render_segments(json.loads(cols["messages"][i]), tok, cfg["chat_template"]))
-        except TemplateError:
-            raise
-        todo.append(i)
-    rendered = tokenize_segments(segs, tok)
-    for i, (ids, mask) in zip(todo, rendered):
-        messages = json.loads(cols["messages"][i])
+        if not cols["reason"][i]:
+            todo.append(i)
+            convs.append(json.loads(cols["messages"][i]))
+    rendered = tokenize_segments([render_segments(m, tok, cfg["chat_template"]) for m in convs], tok)
+    for i, messages, (ids, mask) in zip(todo, convs, rendered):
         ids, mask, cut, why = fit_conversation(
             messages, tok, cfg["max_seq_length"], cfg["truncation"], cfg["chat_template"], rendered=(ids, mask)
         )
@@ -238,15 +241,28 @@ def render_batch(batch: pa.Table, spec: TokenizerSpec, cfg: dict, split_of: dict
             split[i] = fixed
         else:
             split[i] = "eval" if _unit_hash(cfg["seed"], "split", cols["key"][i]) < cfg["eval_fraction"] else "train"
+    del cols["messages"]  # from here on a kept row carries tokens, not text
     cols["input_ids"] = pa.array(input_ids, type=pa.list_(pa.int32()))
     cols["loss_mask"] = pa.array(masks, type=pa.list_(pa.int8()))
     cols["num_tokens"] = [len(x) for x in input_ids]
     cols["truncated"] = truncated
     cols["split"] = split
-    # From here on a kept row carries only what training needs; a rejected one keeps its raw text.
-    cols["messages"] = ["" if cols["reason"][i] else cols["messages"][i] for i in range(n)]
-    cols["raw"] = [cols["raw"][i] if cols["reason"][i] else "" for i in range(n)]
     return pa.table(cols)
+
+
+def mark_duplicates(batch: pa.Table, duplicates_ref) -> pa.Table:
+    """Reject later copies of a conversation; drop the raw text of kept rows (only rejects need it)."""
+    dups = _get_cached(duplicates_ref) if duplicates_ref is not None else {}
+    cols = batch.to_pydict()
+    for i in range(batch.num_rows):
+        if cols["reason"][i]:
+            continue
+        rid = _row_id(cols["source_idx"][i], cols["file"][i], cols["row"][i])
+        if rid in dups:
+            cols["reason"][i], cols["detail"][i] = "duplicate", f"same conversation as {dups[rid]}"
+        else:
+            cols["raw"][i] = ""
+    return pa.Table.from_pydict(cols, schema=batch.schema)
 
 
 _CACHE: dict = {}
@@ -325,21 +341,20 @@ def prepare(
         ds = ray.data.read_binary_files(p.files, include_paths=True)
         parts.append(ds.flat_map(parse_file, fn_kwargs={
             "plan": plan, "redact_pii": cfg.redact_pii, "raw_limit": cfg.rejects_sample_chars}))
-    normalised = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
-    log(f"read and normalised {normalised.count()} rows in {time.perf_counter() - t0:.1f}s")
-
-    duplicates_ref = None
-    if cfg.dedup:
-        duplicates_ref = ray.put(_find_duplicates(normalised))
-
+    # One task reads a whole file; smaller blocks afterwards keep every CPU busy while rendering.
     conf = {"max_seq_length": cfg.max_seq_length, "truncation": cfg.truncation,
             "chat_template": cfg.chat_template, "seed": cfg.seed, "eval_fraction": cfg.eval_fraction}
     split_of = {p.index: p.config["split"] for p in plans if p.config["split"]}
-    rendered = normalised.map_batches(
-        render_batch, batch_format="pyarrow", batch_size=512,
-        fn_kwargs={"spec": tokenizer, "cfg": conf, "split_of": split_of, "duplicates_ref": duplicates_ref},
+    rendered = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0])
+    rendered = rendered.repartition(target_num_rows_per_block=BLOCK_ROWS).map_batches(
+        render_batch, batch_format="pyarrow", batch_size=BLOCK_ROWS,
+        fn_kwargs={"spec": tokenizer, "cfg": conf, "split_of": split_of},
     ).materialize()
-    log(f"rendered and tokenized in {time.perf_counter() - t0:.1f}s")
+    log(f"read, normalised and tokenized {rendered.count()} rows in {time.perf_counter() - t0:.1f}s")
+
+    duplicates_ref = ray.put(_find_duplicates(rendered)) if cfg.dedup else None
+    rendered = rendered.map_batches(mark_duplicates, batch_format="pyarrow", batch_size=None,
+                                    fn_kwargs={"duplicates_ref": duplicates_ref}).materialize()
 
     weights = {p.index: float(p.config["weight"]) for p in plans}
     out = {}

@@ -11,9 +11,12 @@ PII_KINDS = ("email", "card", "ipv4", "phone")
 
 _EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
-_IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])")
+# Not followed by a digit or ".digit" (a longer dotted number), but a sentence's full stop may follow.
+_IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?!\d|\.\d)")
 # International or North-American style numbers with at least 9 digits; separators space, dot, dash.
 _PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}(?![\w])")
+# A date (2024-03-05, 15.01.2024) that a phone match starts with: "2024-03-05 14:00" is a date and a time.
+_DATE = re.compile(r"(?:(?:19|20)\d\d([-./])[0-3]?\d\1[0-3]?\d|[0-3]?\d([-./])[0-3]?\d\2(?:19|20)\d\d)(?!\d)")
 
 
 def luhn_ok(digits: str) -> bool:
@@ -48,7 +51,7 @@ def redact(text: str) -> tuple[str, dict[str, int]]:
 
     def sub_phone(m: re.Match) -> str:
         digits = re.sub(r"\D", "", m.group(0))
-        if 9 <= len(digits) <= 15:
+        if 9 <= len(digits) <= 15 and not _DATE.match(m.group(0)):
             counts["phone"] += 1
             return "[PHONE]"
         return m.group(0)

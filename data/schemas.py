@@ -215,7 +215,8 @@ def _from_alpaca(rec: dict) -> list[dict]:
     user = instruction if not extra.strip() else f"{instruction}\n\n{extra}"
     out = []
     system = rec.get("system")
-    if system is not None and _text_of(system, "system").strip():
+    system = _text_of(system, "system") if system is not None else ""
+    if system.strip():
         out.append({"role": "system", "content": system})
     history = rec.get("history")
     if history not in (None, "", []):
@@ -235,7 +236,8 @@ def _from_alpaca(rec: dict) -> list[dict]:
 def _pair(rec: dict, user_key: str, assistant_key: str) -> list[dict]:
     out = []
     system = rec.get("system")
-    if system is not None and _text_of(system, "system").strip():
+    system = _text_of(system, "system") if system is not None else ""
+    if system.strip():
         out.append({"role": "system", "content": system})
     out.append({"role": "user", "content": _text_of(rec.get(user_key), user_key)})
     out.append({"role": "assistant", "content": _text_of(rec.get(assistant_key), assistant_key)})
@@ -245,7 +247,8 @@ def _pair(rec: dict, user_key: str, assistant_key: str) -> list[dict]:
 def _from_qa(rec: dict) -> list[dict]:
     msgs = _pair(rec, "question", "answer")
     context = rec.get("context")
-    if context is not None and _text_of(context, "context").strip():
+    context = _text_of(context, "context") if context is not None else ""
+    if context.strip():
         user = msgs[-2]
         user["content"] = f"Context:\n{context}\n\nQuestion:\n{user['content']}"
     return msgs

@@ -1,0 +1,70 @@
+"""Session fixtures shared by every test package (unit, integration, e2e).
+
+- `tiny_model_dir`: a tiny Llama + tokenizer built once per session (about 10 s), loaded through the
+  real `from_pretrained` path like any hub model.
+- `tiny_tokenizer`: that tokenizer, loaded once.
+- `ray_local`: a local Ray (2 CPUs) started once per session by `cluster.ray_conn.connect`, shut
+  down at the end. Tests that need Ray take this fixture; unit tests never do.
+- `repo_root`, `sample_data_dir`: where the project and its bundled sample data live.
+"""
+import os
+
+# DeepSpeed probes for an accelerator at import time; these machines have none. A GPU run can override.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+try:  # keep property tests free of wall-clock flakiness on a loaded 2-core machine
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile(
+        "rayft", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+    )
+    settings.load_profile("rayft")
+except ImportError:  # hypothesis is a test extra; unit tests that do not use it still run
+    pass
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_DATA_DIR = REPO_ROOT / "examples" / "data"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def sample_data_dir() -> Path:
+    return SAMPLE_DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """Folder with config.json, model.safetensors and tokenizer files of a tiny Llama."""
+    from train.tiny_model import build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    return build_tiny_model(str(out))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray for the whole session (cluster.ray_conn.connect uses address="local")."""
+    import ray
+
+    from cluster.ray_conn import connect
+
+    started_here = not ray.is_initialized()
+    connect(num_cpus=2)
+    yield ray
+    if started_here:
+        ray.shutdown()

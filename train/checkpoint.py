@@ -1,0 +1,207 @@
+"""What a checkpoint holds, how each rank writes its part, and how a resume finds a usable one.
+
+One checkpoint folder (Ray Train merges every rank's part into it):
+
+    engine/            DeepSpeed engine state (optimizer + scheduler + trainable weights) from every rank
+    adapter/           the LoRA adapter in PEFT format (safetensors), gathered under ZeRO-3 (rank 0)
+    state.json         global step, epoch, data position, best metric, early-stopping count (rank 0)
+    rng/rank<R>.json   Python, NumPy and torch RNG states of rank R
+    manifest/rank<R>.json  size and sha256 of every file rank R wrote, written last
+
+A checkpoint is usable only when every rank's manifest is there and every file matches it, so a run
+interrupted while saving (or a copy cut short) leaves the previous checkpoint as the one resumed from.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from pathlib import Path
+from typing import Callable, Optional
+
+STATE_FILE = "state.json"
+ENGINE_DIR = "engine"
+ADAPTER_DIR = "adapter"
+ENGINE_TAG = "state"
+CHECKPOINT_PREFIX = "checkpoint_step"
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def step_of(name: str) -> Optional[int]:
+    m = re.fullmatch(CHECKPOINT_PREFIX + r"(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
+# ------------------------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    np_state = np.random.get_state()
+    return {
+        "python": _to_json(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(_from_json(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _to_json(x):
+    return [_to_json(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _from_json(x):
+    return tuple(_from_json(v) for v in x) if isinstance(x, list) else x
+
+
+# ------------------------------------------------------------------------------------------ adapter
+
+
+def adapter_state_dict(model, zero_stage: int) -> dict:
+    """The adapter's tensors as plain full CPU tensors on every rank; under ZeRO-3 gathered from all ranks first."""
+    from peft import get_peft_model_state_dict
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+            return {k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def save_adapter(model, state: dict, out_dir: str) -> None:
+    """PEFT layout (adapter_config.json + adapter_model.safetensors) from an already gathered state dict."""
+    from safetensors.torch import save_file
+
+    empty = [k for k, v in state.items() if v.numel() == 0]
+    if not state or empty:
+        raise RuntimeError(f"refusing to save an empty adapter (empty tensors: {empty[:5] or 'no tensors at all'})")
+    os.makedirs(out_dir, exist_ok=True)
+    model.peft_config["default"].save_pretrained(out_dir)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out_dir, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+
+def write_rank_part(engine, local_dir: str, rank: int, world_size: int, zero_stage: int, state: dict,
+                    model_cfg_for_adapter=None) -> None:
+    """Every rank calls this with its own local folder; Ray merges the folders when it persists them."""
+    # Collective calls first, on every rank, in the same order.
+    adapter = adapter_state_dict(engine.module, zero_stage)
+    engine.save_checkpoint(os.path.join(local_dir, ENGINE_DIR), tag=ENGINE_TAG, exclude_frozen_parameters=True)
+    written = []
+    if rank == 0:
+        save_adapter(engine.module, adapter, os.path.join(local_dir, ADAPTER_DIR))
+        _write_json(os.path.join(local_dir, STATE_FILE), dict(state, world_size=world_size, zero_stage=zero_stage))
+    _write_json(os.path.join(local_dir, "rng", f"rank{rank}.json"), rng_state())
+    root = Path(local_dir)
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.relative_to(root).parts[0] == "manifest":
+            written.append(str(p.relative_to(root)))
+    manifest = {"rank": rank, "world_size": world_size,
+                "files": {f: {"size": (root / f).stat().st_size, "sha256": _sha256(root / f)} for f in written}}
+    _write_json(os.path.join(local_dir, "manifest", f"rank{rank}.json"), manifest)
+
+
+def _write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def check_checkpoint(path: str) -> Optional[str]:
+    """None if the checkpoint is complete and intact; otherwise why it is not."""
+    root = Path(path)
+    state_path = root / STATE_FILE
+    if not state_path.is_file():
+        return f"{STATE_FILE} is missing"
+    try:
+        world = int(json.loads(state_path.read_text())["world_size"])
+    except (ValueError, KeyError) as e:
+        return f"{STATE_FILE} is unreadable ({e})"
+    for r in range(world):
+        mpath = root / "manifest" / f"rank{r}.json"
+        if not mpath.is_file():
+            return f"the manifest of rank {r} is missing (the save was interrupted)"
+        try:
+            files = json.loads(mpath.read_text())["files"]
+        except (ValueError, KeyError) as e:
+            return f"the manifest of rank {r} is unreadable ({e})"
+        for rel, meta in files.items():
+            f = root / rel
+            if not f.is_file():
+                return f"{rel} is missing"
+            if f.stat().st_size != meta["size"] or _sha256(f) != meta["sha256"]:
+                return f"{rel} does not match its manifest (size or checksum)"
+    return None
+
+
+def read_state(path: str) -> dict:
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def choose_resume_checkpoint(latest: Optional[str], run_dir: Optional[str], warn: Callable[[str], None]) -> Optional[str]:
+    """The newest intact checkpoint: Ray's latest if intact, else the next newest in the run folder, with a warning."""
+    candidates: list[str] = []
+    if latest:
+        candidates.append(latest)
+    if run_dir and os.path.isdir(run_dir):
+        found = [(step_of(d), os.path.join(run_dir, d)) for d in os.listdir(run_dir) if step_of(d) is not None]
+        for _, p in sorted(found, reverse=True):
+            if not latest or os.path.realpath(p) != os.path.realpath(latest):
+                candidates.append(p)
+    for i, path in enumerate(candidates):
+        problem = check_checkpoint(path)
+        if problem is None:
+            return path
+        warn(f"checkpoint {path} is not usable ({problem}); trying the previous one")
+    return None
+
+
+def best_and_latest(run_dir: str) -> dict:
+    """Intact checkpoints of a run folder: {'latest': path, 'best': path (lowest eval loss) or None}."""
+    found = []
+    for d in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
+        p = os.path.join(run_dir, d)
+        if step_of(d) is not None and check_checkpoint(p) is None:
+            found.append((step_of(d), p, read_state(p).get("eval_loss")))
+    if not found:
+        return {"latest": None, "best": None}
+    found.sort()
+    scored = [f for f in found if f[2] is not None]
+    return {"latest": found[-1][1], "best": min(scored, key=lambda f: f[2])[1] if scored else None}

@@ -1,0 +1,31 @@
+"""The DeepSpeed engine over a PEFT LoRA model, as every worker builds it."""
+from __future__ import annotations
+
+from typing import Callable
+
+from .config import ModelConfig, TrainConfig
+
+
+def build_engine(model_cfg: ModelConfig, train: TrainConfig, warmup_steps: int, total_steps: int, device,
+                 log: Callable[[str], None] = print):
+    """Base model + LoRA + AdamW + warmup/decay schedule in a DeepSpeed engine (ZeRO stage from the config)."""
+    import deepspeed
+    import torch
+
+    from .ds_config import build_deepspeed_config
+    from .model import build_peft_model, check_quantization, choose_dtype
+    from .schedule import lr_lambda
+
+    # Same seed on every rank: identical LoRA init (DeepSpeed also broadcasts rank 0's weights).
+    torch.manual_seed(train.seed)
+    check_quantization(model_cfg, train)
+    dtype = choose_dtype(model_cfg, train.use_gpu)
+    model = build_peft_model(model_cfg, train, dtype, log=log,
+                             device_map={"": device} if model_cfg.quantization != "none" else None)
+    schedule = lr_lambda(train.lr_schedule, warmup_steps, total_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=build_deepspeed_config(train, dtype),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )
+    return engine

@@ -1,0 +1,124 @@
+"""`rayft export RUN --out DIR [--merge]`: the trained adapter, and optionally the merged model.
+
+    DIR/adapter   PEFT adapter (adapter_config.json + adapter_model.safetensors) and the tokenizer;
+                  loads with `PeftModel.from_pretrained(base, DIR/adapter)`
+    DIR/merged    with --merge: base + adapter folded into plain weights (safetensors) and the tokenizer;
+                  loads with `AutoModelForCausalLM.from_pretrained(DIR/merged)`
+
+The merge is checked: on a probe batch, the logits of the merged model (as saved and reloaded) must match
+base+adapter within  max|merged - peft| <= atol + rtol * max|peft|  (fp32: atol 1e-4, rtol 1e-5;
+bf16/fp16: atol 5e-2, rtol 1e-2). A mismatch raises ExportError and leaves no merged folder behind.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .checkpoint import ADAPTER_DIR, best_and_latest, check_checkpoint
+from .config import ModelConfig
+
+TOLERANCE = {"float32": (1e-4, 1e-5), "bfloat16": (5e-2, 1e-2), "float16": (5e-2, 1e-2)}
+PROBE_TEXTS = [
+    "How do I reset my password?",
+    "<|im_start|>user\nWhat are your opening hours?<|im_end|>\n<|im_start|>assistant\n",
+    "The quick brown fox jumps over the lazy dog.",
+]
+
+
+class ExportError(RuntimeError):
+    """The export could not be made or did not pass its check."""
+
+
+@dataclass
+class ExportResult:
+    adapter_dir: str
+    merged_dir: Optional[str]
+    max_abs_diff: Optional[float]
+    tolerance: Optional[float]
+
+
+def find_adapter(run_dir: str, which: str = "best") -> str:
+    """The adapter folder of a run: `best` (lowest eval loss), `latest`, or a checkpoint folder path."""
+    if which not in ("best", "latest"):
+        if check_checkpoint(which) is not None:
+            raise ExportError(f"checkpoint {which}: {check_checkpoint(which)}")
+        return os.path.join(which, ADAPTER_DIR)
+    found = best_and_latest(run_dir)
+    chosen = found[which] or found["latest"]
+    if chosen is None:
+        raise ExportError(f"{run_dir} holds no intact checkpoint; train first (rayft train CONFIG)")
+    return os.path.join(chosen, ADAPTER_DIR)
+
+
+def export_run(run_dir: str, out_dir: str, merge: bool = False, which: str = "best",
+               log: Callable[[str], None] = print) -> ExportResult:
+    from .trainer import read_run_file
+
+    run = read_run_file(run_dir)
+    model_cfg = ModelConfig.model_validate(run["config"]["model"])
+    source = find_adapter(run_dir, which)
+    adapter_out = os.path.join(out_dir, "adapter")
+    shutil.rmtree(adapter_out, ignore_errors=True)
+    shutil.copytree(source, adapter_out)
+    tokenizer = _load_tokenizer(model_cfg)
+    tokenizer.save_pretrained(adapter_out)
+    log(f"adapter from {source} -> {adapter_out}")
+    if not merge:
+        return ExportResult(adapter_out, None, None, None)
+    merged_out = os.path.join(out_dir, "merged")
+    diff, tol = merge_adapter(model_cfg, adapter_out, merged_out, tokenizer)
+    log(f"merged model -> {merged_out} (logits vs base+adapter: max |diff| {diff:.2e} <= {tol:.2e})")
+    return ExportResult(adapter_out, merged_out, diff, tol)
+
+
+def _load_tokenizer(model_cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_cfg.tokenizer_name_or_path, revision=model_cfg.revision,
+                                         trust_remote_code=model_cfg.trust_remote_code)
+
+
+def merge_adapter(model_cfg: ModelConfig, adapter_dir: str, merged_out: str, tokenizer) -> tuple[float, float]:
+    """Fold the adapter into the base, save it, reload it, and check its logits. Returns (max diff, allowed)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if model_cfg.quantization != "none":
+        raise ExportError("merging into a quantized base is lossy; export with model.quantization: none (full-precision base)")
+    dtype = model_cfg.dtype if model_cfg.dtype != "auto" else "float32"  # merging runs on CPU
+    base = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision,
+                                                trust_remote_code=model_cfg.trust_remote_code,
+                                                dtype=getattr(torch, dtype), use_safetensors=True)
+    peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    probe = probe_batch(tokenizer)
+    with torch.no_grad():
+        expected = peft_model(**probe).logits.float()
+    merged = peft_model.merge_and_unload()
+    tmp = merged_out + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, dtype), use_safetensors=True).eval()
+    with torch.no_grad():
+        got = reloaded(**probe).logits.float()
+    atol, rtol = TOLERANCE[dtype]
+    allowed = atol + rtol * float(expected.abs().max())
+    diff = float((got - expected).abs().max())
+    if not diff <= allowed:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(
+            f"the merged model's logits differ from base+adapter by up to {diff:.3e} (allowed {allowed:.3e}, "
+            f"{dtype}); the merged model was not written. Check that the adapter matches the base model "
+            f"{model_cfg.name_or_path!r}, or export the adapter alone (without --merge)"
+        )
+    shutil.rmtree(merged_out, ignore_errors=True)
+    os.replace(tmp, merged_out)
+    return diff, allowed
+
+
+def probe_batch(tokenizer) -> dict:
+    enc = tokenizer(PROBE_TEXTS, return_tensors="pt", padding=True)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

@@ -1,0 +1,307 @@
+"""The driver side of `rayft train`: prepare data, plan the steps, run the TorchTrainer, track, register.
+
+Ray must be connected by the caller (cluster/ owns the connection). The run lives in
+`<storage_path>/<name>`; running the same config again continues from its last checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from .checkpoint import ADAPTER_DIR, best_and_latest
+from .config import ModelConfig, TrackingConfig, TrainConfig
+
+RUN_FILE = "rayft_run.json"
+
+
+class TrainingError(RuntimeError):
+    """Training could not start or did not finish; the message says why."""
+
+
+def _user_errors() -> tuple:
+    from .ds_config import DeepSpeedConfigError
+    from .lora import LoraTargetError
+    from .model import QuantizationUnavailable
+
+    return (TrainingError, QuantizationUnavailable, LoraTargetError, DeepSpeedConfigError)
+
+
+USER_ERRORS = _user_errors()  # errors whose message tells the user what to change
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: str
+    metrics: dict
+    checkpoint: Optional[str]
+    adapter_dir: Optional[str]
+    mlflow_run_id: Optional[str] = None
+    tracking_uri: Optional[str] = None
+    registered: Optional[Any] = None
+    plan: dict = field(default_factory=dict)
+
+
+def check_before_start(model: ModelConfig, train: TrainConfig) -> None:
+    """Errors a user can fix, found on the driver before any worker starts."""
+    from .ds_config import build_deepspeed_config
+    from .model import check_quantization
+
+    check_quantization(model, train)
+    build_deepspeed_config(train, "float32")  # reads and checks a user JSON
+    check_lora_targets(model, train)
+
+
+def check_lora_targets(model: ModelConfig, train: TrainConfig) -> None:
+    """Resolve `target_modules` on a weightless copy of the architecture (meta device: no memory, no download of weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .lora import resolve_target_modules
+
+    hf_config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
+                                           trust_remote_code=model.trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=model.trust_remote_code)
+    resolve_target_modules(train.lora.target_modules, skeleton)
+
+
+def plan_steps(train: TrainConfig, train_rows: int) -> dict:
+    batches = train_rows // (train.micro_batch_size * train.num_workers)
+    per_epoch = batches // train.accumulation_steps
+    if per_epoch == 0:
+        raise TrainingError(
+            f"the training split has {train_rows} rows, fewer than one optimizer step needs "
+            f"(train.micro_batch_size x gradient accumulation x num_workers = {train.rows_per_step}); lower "
+            f"train.micro_batch_size or train.gradient_accumulation_steps, or add data"
+        )
+    total = train.max_steps or max(1, math.ceil(train.epochs * per_epoch))
+    from .schedule import warmup_steps_for
+
+    return {"steps_per_epoch": per_epoch, "total_steps": total,
+            "warmup_steps": warmup_steps_for(train.warmup_steps, train.warmup_ratio, total),
+            "rows_per_step": train.rows_per_step, "train_rows": train_rows,
+            "rows_left_out_per_epoch": train_rows - per_epoch * train.rows_per_step}
+
+
+def dataset_fingerprint(*datasets) -> str:
+    """A content hash of the prepared rows (token ids and labels, in order)."""
+    h = hashlib.blake2b(digest_size=12)
+    for ds in datasets:
+        if ds is None:
+            h.update(b"|none")
+            continue
+        for b in ds.select_columns(["input_ids", "labels"]).iter_batches(batch_format="numpy", batch_size=4096):
+            for ids, lab in zip(b["input_ids"], b["labels"]):
+                h.update(ids.astype("int32").tobytes())
+                h.update(lab.astype("int32").tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def run_training(cfg, resume: bool = False, log: Callable[[str], None] = print) -> TrainOutcome:
+    """Train one config end to end. `cfg` is the composed RayftConfig (cluster/config.py)."""
+    import ray
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    from data.pipeline import TokenizerSpec, prepare
+
+    from .loop import train_loop_per_worker
+    from .tracking import git_commit, open_run, tracking_uri
+
+    t_start = time.time()
+    train, model, tracking_cfg = cfg.train, cfg.model, cfg.tracking
+    storage = os.path.abspath(cfg.storage_path) if "://" not in cfg.storage_path else cfg.storage_path
+    run_dir = os.path.join(storage, cfg.name)
+    check_before_start(model, train)
+
+    existing = best_and_latest(run_dir)["latest"] if os.path.isdir(run_dir) else None
+    if resume and existing is None:
+        raise TrainingError(f"--resume: {run_dir} holds no intact checkpoint to resume from; run without --resume to start")
+    if existing:
+        log(f"{run_dir} has checkpoints: continuing from the last one (same run name and storage path)")
+
+    spec = TokenizerSpec(model.tokenizer_name_or_path, model.revision, model.trust_remote_code)
+    prepared = prepare(cfg.data, spec, micro_batch_size=train.micro_batch_size, log=log)
+    os.makedirs(run_dir, exist_ok=True)
+    report_path = os.path.join(run_dir, "data_report.json")
+    with open(report_path, "w", encoding="utf-8") as f:
+        json.dump(prepared.report, f, indent=2)
+    train_ds = prepared.train.random_shuffle(seed=train.seed) if train.shuffle else prepared.train
+    train_ds = train_ds.materialize()  # a fixed order: every epoch and every resume read the same rows
+    plan = plan_steps(train, train_ds.count())
+    plan.update({"pad_token_id": prepared.pad_token_id, "packed": prepared.packed, "has_eval": prepared.eval is not None})
+    fingerprint = dataset_fingerprint(train_ds, prepared.eval)
+    log(f"plan: {plan['total_steps']} optimizer steps ({plan['steps_per_epoch']} per epoch of {plan['train_rows']} rows, "
+        f"{plan['rows_per_step']} rows per step, warmup {plan['warmup_steps']}) on {train.num_workers} worker(s), "
+        f"ZeRO-{train.deepspeed.zero_stage}; dataset fingerprint {fingerprint}")
+
+    resolved = cfg.model_dump(mode="json", by_alias=True)
+    uri = run_id = None
+    if tracking_cfg.enabled:
+        uri = tracking_uri(tracking_cfg.tracking_uri, storage)
+        run_id = open_run(uri, tracking_cfg.experiment, cfg.name, storage, resolved,
+                          {k: v for k, v in {"git_commit": git_commit(os.getcwd()),
+                                             "dataset_fingerprint": fingerprint,
+                                             "base_model": model.name_or_path}.items() if v})
+        _mlflow_client(uri).log_artifact(run_id, report_path)
+        log(f"MLflow run {run_id} at {uri}")
+    _write_run_file(run_dir, {"name": cfg.name, "config": resolved, "mlflow_run_id": run_id, "tracking_uri": uri,
+                              "dataset_fingerprint": fingerprint, "plan": plan, "status": "running"})
+
+    progress = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+    printer = _ProgressPrinter(progress, log)
+    printer.start()
+    datasets = {"train": train_ds}
+    if prepared.eval is not None:
+        datasets["eval"] = prepared.eval
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "model": model.model_dump(mode="json"), "train": train.model_dump(mode="json"), "plan": plan,
+            "tracking": {"uri": uri, "run_id": run_id} if run_id else None, "run_dir": run_dir,
+            "progress": progress, "require_resume": resume,
+        },
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker={"CPU": train.cpus_per_worker,
+                                                           **({"GPU": 1} if train.use_gpu else {})}),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_best_checkpoints,
+                                               checkpoint_score_attribute="checkpoint_score",
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+        ),
+        datasets=datasets,
+        # Not split by Ray: every worker reads the same ordered rows and keeps its own every world-th one
+        # (see loop.py), which makes the data order exactly reproducible on resume.
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        _finish_mlflow(uri, run_id, "FAILED")
+        raise TrainingError(f"training failed: {e}") from e
+    finally:
+        printer.stop()
+        try:
+            ray.kill(progress.actor)
+        except Exception:
+            pass
+    if result.error:
+        _finish_mlflow(uri, run_id, "FAILED")
+        raise TrainingError(f"training failed: {result.error}")
+
+    found = best_and_latest(run_dir)
+    chosen = found["best"] or found["latest"]
+    adapter_dir = None
+    if chosen:
+        adapter_dir = os.path.join(run_dir, "adapter")
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        shutil.copytree(os.path.join(chosen, ADAPTER_DIR), adapter_dir)
+    metrics = dict(result.metrics or {})
+    duration = time.time() - t_start
+    registered = None
+    if run_id and adapter_dir:
+        c = _mlflow_client(uri)
+        c.log_artifacts(run_id, adapter_dir, artifact_path="adapter")
+        c.log_metric(run_id, "duration_s", duration)
+        name = cfg.name if tracking_cfg.register_model is None else tracking_cfg.register_model
+        if name:
+            from .registry import register_version
+
+            registered = register_version(uri, name, run_id, "adapter", lineage={
+                "kind": "adapter", "base_model": model.name_or_path, "peft_type": "LORA", "lora_rank": train.lora.rank,
+                "dataset_fingerprint": fingerprint, "eval_loss": metrics.get("eval_loss"),
+                "duration_s": round(duration, 1), "git_commit": git_commit(os.getcwd())})
+            log(f"registered {registered.name} version {registered.version}")
+        _finish_mlflow(uri, run_id, "FINISHED")
+    _write_run_file(run_dir, {"name": cfg.name, "config": resolved, "mlflow_run_id": run_id, "tracking_uri": uri,
+                              "dataset_fingerprint": fingerprint, "plan": plan, "status": "finished",
+                              "adapter": adapter_dir, "checkpoint": chosen, "metrics": _jsonable(metrics)})
+    return TrainOutcome(run_dir, metrics, chosen, adapter_dir, run_id, uri, registered, plan)
+
+
+def _mlflow_client(uri):
+    from .tracking import client
+
+    return client(uri)
+
+
+def _finish_mlflow(uri, run_id, status: str) -> None:
+    if run_id:
+        try:
+            _mlflow_client(uri).set_terminated(run_id, status=status)
+        except Exception:
+            pass
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def _write_run_file(run_dir: str, content: dict) -> None:
+    tmp = os.path.join(run_dir, RUN_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=2)
+    os.replace(tmp, os.path.join(run_dir, RUN_FILE))
+
+
+def read_run_file(run_dir: str) -> dict:
+    path = os.path.join(run_dir, RUN_FILE)
+    if not os.path.isfile(path):
+        raise TrainingError(f"{run_dir} is not a rayft run folder ({RUN_FILE} is missing); give <storage_path>/<name>")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class _ProgressPrinter:
+    """Drains the workers' progress queue and prints `step / total, loss, tokens/s, ETA`."""
+
+    def __init__(self, queue, log):
+        self.queue, self.log = queue, log
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._drain(block=False)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self._drain(block=True)
+
+    def _drain(self, block: bool):
+        from ray.util.queue import Empty
+
+        try:
+            msg = self.queue.get(block=block, timeout=0.5 if block else None)
+        except (Empty, Exception):
+            return
+        if isinstance(msg, dict) and "step" in msg:
+            done = msg["step"] - msg["start_step"]
+            eta = msg["elapsed_s"] / done * (msg["total"] - msg["step"]) if done > 0 else float("nan")
+            parts = [f"step {msg['step']}/{msg['total']}"]
+            if msg.get("loss") is not None:
+                parts.append(f"loss {msg['loss']:.4f}")
+            if msg.get("eval_loss") is not None:
+                parts.append(f"eval loss {msg['eval_loss']:.4f}")
+            if msg.get("tokens_per_s") is not None:
+                parts.append(f"{msg['tokens_per_s']:.0f} tokens/s")
+            parts.append(f"ETA {eta:.0f}s" if eta == eta else "ETA ?")
+            self.log("  ".join(parts))
+        else:
+            self.log(str(msg))
