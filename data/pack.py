@@ -53,45 +53,90 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return bins
 
 
+def pack_flat(lengths, flat_ids, flat_mask, block_len: int, pad_id: int) -> dict:
+    """Vectorised packing of examples given as one flat token array plus lengths.
+
+    Returns 2-D arrays (blocks x block_len) `input_ids`, `labels`, `position_ids` and per-block
+    `num_tokens`, `num_loss_tokens`, `num_examples`.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    flat_ids = np.asarray(flat_ids, dtype=np.int64)
+    flat_mask = np.asarray(flat_mask, dtype=bool)
+    bins = best_fit_decreasing(lengths.tolist(), block_len)
+    nb = len(bins)
+    sizes = np.fromiter((len(b) for b in bins), dtype=np.int64, count=nb)
+    order = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=int(sizes.sum()))
+    bin_of = np.repeat(np.arange(nb, dtype=np.int64), sizes)
+    lens = lengths[order]
+    total = int(lens.sum())
+    excl = np.cumsum(lens) - lens  # where each example starts in the packed order
+    first = np.cumsum(sizes) - sizes  # index (in order) of each block's first example
+    within = excl - excl[first][bin_of]  # where each example starts inside its block
+    src_start = (np.cumsum(lengths) - lengths)[order]
+    step = np.arange(total, dtype=np.int64) - np.repeat(excl, lens)  # position inside the example
+    src = np.repeat(src_start, lens) + step
+    dst = np.repeat(bin_of * block_len + within, lens) + step
+    ids = np.full(nb * block_len, pad_id, dtype=np.int32)
+    labels = np.full(nb * block_len, IGNORE_INDEX, dtype=np.int32)
+    pos = np.zeros(nb * block_len, dtype=np.int32)
+    tok = flat_ids[src]
+    ids[dst] = tok
+    lab = np.where(flat_mask[src], tok, IGNORE_INDEX)
+    lab[step == 0] = IGNORE_INDEX  # an example's first token is never predicted from the previous example
+    labels[dst] = lab
+    pos[dst] = step
+    used = np.bincount(bin_of, weights=lens, minlength=nb).astype(np.int64)
+    col = np.arange(block_len, dtype=np.int64)[None, :]
+    pos2d = pos.reshape(nb, block_len)
+    tail = col >= used[:, None]
+    pos2d[tail] = (col - used[:, None])[tail]  # the pad tail is its own segment
+    loss = np.bincount(np.repeat(bin_of, lens)[lab != IGNORE_INDEX], minlength=nb)
+    return {
+        "input_ids": ids.reshape(nb, block_len), "labels": labels.reshape(nb, block_len), "position_ids": pos2d,
+        "num_tokens": used.astype(np.int32), "num_loss_tokens": loss.astype(np.int32), "num_examples": sizes.astype(np.int32),
+    }
+
+
+def single_flat(lengths, flat_ids, flat_mask) -> dict:
+    """One example per row: flat `input_ids`, `labels`, `position_ids` plus per-row counts."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    ids = np.asarray(flat_ids, dtype=np.int32)
+    starts = np.cumsum(lengths) - lengths
+    step = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
+    labels = np.where(np.asarray(flat_mask, dtype=bool), ids, IGNORE_INDEX).astype(np.int32)
+    labels[step == 0] = IGNORE_INDEX
+    loss = np.add.reduceat((labels != IGNORE_INDEX).astype(np.int64), starts) if len(lengths) and lengths.min() > 0 else \
+        np.array([int((labels[s:s + n] != IGNORE_INDEX).sum()) for s, n in zip(starts, lengths)], dtype=np.int64)
+    return {"input_ids": ids, "labels": labels, "position_ids": step.astype(np.int32), "lengths": lengths,
+            "num_tokens": lengths.astype(np.int32), "num_loss_tokens": np.asarray(loss, dtype=np.int32),
+            "num_examples": np.ones(len(lengths), dtype=np.int32)}
+
+
+def _flatten(input_ids, loss_masks):
+    lengths = [len(x) for x in input_ids]
+    flat_ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in input_ids]) if lengths else np.zeros(0, np.int64)
+    flat_mask = np.concatenate([np.asarray(x, dtype=bool) for x in loss_masks]) if lengths else np.zeros(0, bool)
+    return lengths, flat_ids, flat_mask
+
+
 def pack_examples(input_ids: Sequence[Sequence[int]], loss_masks: Sequence[Sequence[int]], block_len: int, pad_id: int) -> dict:
     """Pack examples into blocks. Returns columns of equal-length rows."""
-    lengths = [len(x) for x in input_ids]
-    bins = best_fit_decreasing(lengths, block_len)
-    out = {k: [] for k in ("input_ids", "labels", "position_ids", "num_tokens", "num_loss_tokens", "num_examples")}
-    for b in bins:
-        ids = np.full(block_len, pad_id, dtype=np.int32)
-        labels = np.full(block_len, IGNORE_INDEX, dtype=np.int32)
-        pos = np.zeros(block_len, dtype=np.int32)
-        at = 0
-        loss = 0
-        for i in b:
-            n = lengths[i]
-            ids[at: at + n] = input_ids[i]
-            lab = labels_for(input_ids[i], loss_masks[i])
-            labels[at: at + n] = lab
-            loss += int((lab != IGNORE_INDEX).sum())
-            pos[at: at + n] = np.arange(n, dtype=np.int32)
-            at += n
-        pos[at:] = np.arange(block_len - at, dtype=np.int32)  # the pad tail is its own segment
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["position_ids"].append(pos)
-        out["num_tokens"].append(at)
-        out["num_loss_tokens"].append(loss)
-        out["num_examples"].append(len(b))
-    return out
+    if not input_ids:
+        return {k: [] for k in ("input_ids", "labels", "position_ids", "num_tokens", "num_loss_tokens", "num_examples")}
+    out = pack_flat(*_flatten(input_ids, loss_masks), block_len, pad_id)
+    return {k: list(v) if v.ndim == 2 else v.tolist() for k, v in out.items()}
 
 
 def single_examples(input_ids: Sequence[Sequence[int]], loss_masks: Sequence[Sequence[int]]) -> dict:
     out = {k: [] for k in ("input_ids", "labels", "position_ids", "num_tokens", "num_loss_tokens", "num_examples")}
-    for ids, mask in zip(input_ids, loss_masks):
-        lab = labels_for(ids, mask).astype(np.int32)
-        out["input_ids"].append(np.asarray(ids, dtype=np.int32))
-        out["labels"].append(lab)
-        out["position_ids"].append(np.arange(len(ids), dtype=np.int32))
-        out["num_tokens"].append(len(ids))
-        out["num_loss_tokens"].append(int((lab != IGNORE_INDEX).sum()))
-        out["num_examples"].append(1)
+    if not input_ids:
+        return out
+    flat = single_flat(*_flatten(input_ids, loss_masks))
+    cuts = np.cumsum(flat["lengths"])[:-1]
+    for k in ("input_ids", "labels", "position_ids"):
+        out[k] = np.split(flat[k], cuts)
+    for k in ("num_tokens", "num_loss_tokens", "num_examples"):
+        out[k] = flat[k].tolist()
     return out
 
 

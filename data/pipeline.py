@@ -25,7 +25,7 @@ import pyarrow as pa
 from .chat import TemplateError, fit_conversation, render_segments, tokenize_segments
 from .config import DataConfig, SourceConfig
 from .formats import SourceError, detect_format, iter_records, list_files, read_bytes
-from .pack import pack_examples, padding_waste_unpacked, single_examples
+from .pack import pack_flat, padding_waste_unpacked, single_flat
 from .redact import PII_KINDS, redact, redact_messages
 from .schemas import SCHEMAS, Reject, apply_column_map, content_key, detect_schema, normalise
 
@@ -169,37 +169,49 @@ def _row_id(source_idx: int, file: str, row: int) -> str:
     return f"{source_idx}\x1f{file}\x1f{row}"
 
 
-def parse_file(item: dict, plan: dict, redact_pii: bool, raw_limit: int) -> list[dict]:
-    """One file -> one output row per input row, kept or rejected."""
-    path = item["path"]
+_PARSED_COLUMNS = ("source_idx", "source", "file", "row", "line", "reason", "detail", "raw", "messages", "key") + tuple(
+    "pii_" + k for k in PII_KINDS)
+
+
+def parse_files(batch: pa.Table, plan: dict, redact_pii: bool, raw_limit: int) -> pa.Table:
+    """Files -> one output row per input row, kept or rejected (columns built directly, no row dicts)."""
     src = plan["config"]
-    fmt = plan["formats"].get(path) or next(v for k, v in plan["formats"].items() if k.endswith(path) or path.endswith(k.split("://")[-1]))
-    out = []
-    for rec in iter_records(item["bytes"], fmt, raw_limit):
-        row = {
-            "source_idx": plan["index"], "source": plan["name"], "file": path, "row": rec.row,
-            "line": rec.line if rec.line is not None else -1, "reason": rec.reason, "detail": rec.detail,
-            "raw": rec.raw, "messages": "", "key": "",
-        }
-        for k in PII_KINDS:
-            row["pii_" + k] = 0
-        if rec.record is not None:
-            try:
-                messages = normalise(apply_column_map(rec.record, src["column_map"]), plan["schema"], src["system_prompt"])
-                if redact_pii:
-                    messages, counts = redact_messages(messages)
-                    for k, v in counts.items():
-                        row["pii_" + k] = v
-                row["messages"] = json.dumps(messages, ensure_ascii=False)
-                row["key"] = hashlib.blake2b(content_key(messages).encode(), digest_size=16).hexdigest()
-            except Reject as r:
-                row["reason"], row["detail"] = r.reason, r.detail
-        if len(row["raw"]) > raw_limit:
-            row["raw"] = row["raw"][:raw_limit] + f"... [cut: {len(row['raw'])} characters in all]"
-        if redact_pii:
-            row["raw"] = redact(row["raw"])[0]  # the raw text reaches the rejects file
-        out.append(row)
-    return out
+    cols: dict[str, list] = {c: [] for c in _PARSED_COLUMNS}
+    for path, data in zip(batch["path"].to_pylist(), batch["bytes"].to_pylist()):
+        fmt = _format_of(plan["formats"], path)
+        for rec in iter_records(data, fmt, raw_limit):
+            reason, detail, raw, messages_json, key = rec.reason, rec.detail, rec.raw, "", ""
+            counts = None
+            if rec.record is not None:
+                try:
+                    messages = normalise(apply_column_map(rec.record, src["column_map"]), plan["schema"], src["system_prompt"])
+                    if redact_pii:
+                        messages, counts = redact_messages(messages)
+                    messages_json = json.dumps(messages, ensure_ascii=False)
+                    key = hashlib.blake2b(content_key(messages).encode(), digest_size=16).hexdigest()
+                except Reject as r:
+                    reason, detail = r.reason, r.detail
+            if len(raw) > raw_limit:
+                raw = raw[:raw_limit] + f"... [cut: {len(raw)} characters in all]"
+            if redact_pii:
+                raw = redact(raw)[0]  # the raw text may reach the rejects file
+            for c, v in (("source_idx", plan["index"]), ("source", plan["name"]), ("file", path), ("row", rec.row),
+                         ("line", rec.line if rec.line is not None else -1), ("reason", reason), ("detail", detail),
+                         ("raw", raw), ("messages", messages_json), ("key", key)):
+                cols[c].append(v)
+            for k in PII_KINDS:
+                cols["pii_" + k].append(counts[k] if counts else 0)
+    types = {"source_idx": pa.int32(), "row": pa.int64(), "line": pa.int64(), **{"pii_" + k: pa.int32() for k in PII_KINDS}}
+    return pa.table({c: pa.array(v, type=types.get(c, pa.string())) for c, v in cols.items()})
+
+
+def _format_of(formats: dict, path: str) -> str:
+    if path in formats:
+        return formats[path]
+    for k, v in formats.items():  # Ray may report a URI's path without its scheme
+        if k.split("://", 1)[-1] == path.split("://", 1)[-1]:
+            return v
+    raise SourceError(f"file {path!r} was not planned for this source")
 
 
 # --------------------------------------------------------------------------------- stage 2: render
@@ -213,56 +225,69 @@ def _unit_hash(seed: int, salt: str, key: str) -> float:
 def render_batch(batch: pa.Table, spec: TokenizerSpec, cfg: dict, split_of: dict) -> pa.Table:
     """Tokenize kept rows, apply the truncation policy, choose the split."""
     tok = load_tokenizer(spec)
-    cols = batch.to_pydict()
     n = batch.num_rows
+    reason = batch["reason"].to_pylist()
+    detail = batch["detail"].to_pylist()
+    source_idx = batch["source_idx"].to_pylist()
+    keys = batch["key"].to_pylist()
+    todo = [i for i in range(n) if not reason[i]]
+    messages_col = batch["messages"]
+    convs = [json.loads(messages_col[i].as_py()) for i in todo]
+    rendered = tokenize_segments([render_segments(m, tok, cfg["chat_template"]) for m in convs], tok)
     input_ids: list = [[] for _ in range(n)]
     masks: list = [[] for _ in range(n)]
     truncated = [False] * n
     split = [""] * n
-    todo, convs = [], []
-    for i in range(n):
-        if not cols["reason"][i]:
-            todo.append(i)
-            convs.append(json.loads(cols["messages"][i]))
-    rendered = tokenize_segments([render_segments(m, tok, cfg["chat_template"]) for m in convs], tok)
     for i, messages, (ids, mask) in zip(todo, convs, rendered):
         ids, mask, cut, why = fit_conversation(
             messages, tok, cfg["max_seq_length"], cfg["truncation"], cfg["chat_template"], rendered=(ids, mask)
         )
         if ids is None:
-            cols["reason"][i], cols["detail"][i] = "too_long", why
+            reason[i], detail[i] = "too_long", why
             continue
         if not any(mask):
-            cols["reason"][i], cols["detail"][i] = "empty_content", "no assistant token after rendering"
+            reason[i], detail[i] = "empty_content", "no assistant token after rendering"
             continue
         input_ids[i], masks[i], truncated[i] = ids, mask, cut
-        fixed = split_of.get(cols["source_idx"][i])
+        fixed = split_of.get(source_idx[i])
         if fixed:
             split[i] = fixed
         else:
-            split[i] = "eval" if _unit_hash(cfg["seed"], "split", cols["key"][i]) < cfg["eval_fraction"] else "train"
-    del cols["messages"]  # from here on a kept row carries tokens, not text
-    cols["input_ids"] = pa.array(input_ids, type=pa.list_(pa.int32()))
-    cols["loss_mask"] = pa.array(masks, type=pa.list_(pa.int8()))
-    cols["num_tokens"] = [len(x) for x in input_ids]
-    cols["truncated"] = truncated
-    cols["split"] = split
-    return pa.table(cols)
+            split[i] = "eval" if _unit_hash(cfg["seed"], "split", keys[i]) < cfg["eval_fraction"] else "train"
+    out = batch.drop_columns(["messages", "reason", "detail"])  # from here on a kept row carries tokens, not text
+    lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=n)
+    flat_ids = np.fromiter((t for x in input_ids for t in x), dtype=np.int32, count=int(lengths.sum()))
+    flat_mask = np.fromiter((t for x in masks for t in x), dtype=np.int8, count=int(lengths.sum()))
+    for name, values in (
+        ("reason", pa.array(reason, type=pa.string())), ("detail", pa.array(detail, type=pa.string())),
+        ("input_ids", _list_array(flat_ids, lengths, pa.int32())), ("loss_mask", _list_array(flat_mask, lengths, pa.int8())),
+        ("num_tokens", pa.array(lengths.astype(np.int32))), ("truncated", pa.array(truncated, type=pa.bool_())),
+        ("split", pa.array(split, type=pa.string())),
+    ):
+        out = out.append_column(name, values)
+    return out
 
 
 def mark_duplicates(batch: pa.Table, duplicates_ref) -> pa.Table:
     """Reject later copies of a conversation; drop the raw text of kept rows (only rejects need it)."""
+    import pyarrow.compute as pc
+
     dups = _get_cached(duplicates_ref) if duplicates_ref is not None else {}
-    cols = batch.to_pydict()
-    for i in range(batch.num_rows):
-        if cols["reason"][i]:
-            continue
-        rid = _row_id(cols["source_idx"][i], cols["file"][i], cols["row"][i])
-        if rid in dups:
-            cols["reason"][i], cols["detail"][i] = "duplicate", f"same conversation as {dups[rid]}"
-        else:
-            cols["raw"][i] = ""
-    return pa.Table.from_pydict(cols, schema=batch.schema)
+    reason = batch["reason"].to_pylist()
+    detail = batch["detail"].to_pylist()
+    if dups:
+        src, files, rows = (batch[c].to_pylist() for c in ("source_idx", "file", "row"))
+        for i in range(batch.num_rows):
+            if not reason[i]:
+                hit = dups.get(_row_id(src[i], files[i], rows[i]))
+                if hit:
+                    reason[i], detail[i] = "duplicate", f"same conversation as {hit}"
+    reason_arr = pa.array(reason, type=pa.string())
+    kept = pc.equal(reason_arr, "")
+    raw = pc.if_else(kept, pa.scalar("", pa.string()), batch["raw"].combine_chunks().cast(pa.string()))
+    batch = batch.set_column(batch.schema.get_field_index("reason"), "reason", reason_arr)
+    batch = batch.set_column(batch.schema.get_field_index("detail"), "detail", pa.array(detail, type=pa.string()))
+    return batch.set_column(batch.schema.get_field_index("raw"), "raw", raw)
 
 
 _CACHE: dict = {}
@@ -299,18 +324,29 @@ def select_split(batch: pa.Table, split: str, weights: dict, seed: int) -> pa.Ta
     return t.take(pa.array(take, type=pa.int64()))
 
 
+def _list_array(flat: np.ndarray, lengths: np.ndarray, value_type) -> pa.Array:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
+
+
 def pack_batch(batch: pa.Table, block_len: int, pad_id: int, packing: bool) -> pa.Table:
-    ids = batch["input_ids"].to_numpy(zero_copy_only=False) if batch.num_rows else []
-    masks = batch["loss_mask"].to_numpy(zero_copy_only=False) if batch.num_rows else []
-    cols = pack_examples(ids, masks, block_len, pad_id) if packing else single_examples(ids, masks)
-    return pa.table({
-        "input_ids": pa.array(cols["input_ids"], type=pa.list_(pa.int32())),
-        "labels": pa.array(cols["labels"], type=pa.list_(pa.int32())),
-        "position_ids": pa.array(cols["position_ids"], type=pa.list_(pa.int32())),
-        "num_tokens": pa.array(cols["num_tokens"], type=pa.int32()),
-        "num_loss_tokens": pa.array(cols["num_loss_tokens"], type=pa.int32()),
-        "num_examples": pa.array(cols["num_examples"], type=pa.int32()),
-    })
+    import pyarrow.compute as pc
+
+    ids_col = batch["input_ids"].combine_chunks()
+    lengths = pc.list_value_length(ids_col).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat_ids = ids_col.flatten().to_numpy(zero_copy_only=False)
+    flat_mask = batch["loss_mask"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    if packing:
+        out = pack_flat(lengths, flat_ids, flat_mask, block_len, pad_id)
+        row_len = np.full(len(out["num_tokens"]), block_len, dtype=np.int64)
+        cols = {k: _list_array(out[k].reshape(-1), row_len, pa.int32()) for k in ("input_ids", "labels", "position_ids")}
+    else:
+        out = single_flat(lengths, flat_ids, flat_mask)
+        cols = {k: _list_array(out[k], lengths, pa.int32()) for k in ("input_ids", "labels", "position_ids")}
+    for k in ("num_tokens", "num_loss_tokens", "num_examples"):
+        cols[k] = pa.array(out[k], type=pa.int32())
+    return pa.table(cols)
 
 
 # ---------------------------------------------------------------------------------------- the run
@@ -339,7 +375,7 @@ def prepare(
     for p in plans:
         plan = {"index": p.index, "name": p.name, "config": p.config, "formats": p.formats, "schema": p.schema}
         ds = ray.data.read_binary_files(p.files, include_paths=True)
-        parts.append(ds.flat_map(parse_file, fn_kwargs={
+        parts.append(ds.map_batches(parse_files, batch_format="pyarrow", batch_size=1, fn_kwargs={
             "plan": plan, "redact_pii": cfg.redact_pii, "raw_limit": cfg.rejects_sample_chars}))
     # One task reads a whole file; smaller blocks afterwards keep every CPU busy while rendering.
     conf = {"max_seq_length": cfg.max_seq_length, "truncation": cfg.truncation,
