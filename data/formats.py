@@ -192,6 +192,8 @@ def _iter_json_array(text: str, limit: int) -> Iterator[RawRecord]:
         return
     for i, value in enumerate(values, start=1):
         raw = json.dumps(value, ensure_ascii=False)
+        if _has_surrogates(raw):  # a \ud800-style escape: valid JSON, but not text; keep it escaped
+            raw = json.dumps(value)
         if lenient is not text and "\ufffd" in raw:
             yield RawRecord(i, None, None, _text(raw, limit), "undecodable_text", "the row holds bytes that are not valid UTF-8")
             continue

@@ -112,6 +112,10 @@ def validate(messages: list[dict]) -> None:
             raise Reject("wrong_type", f"message {i} content is a {type(m['content']).__name__}, not text")
         if not m["content"].strip():
             raise Reject("empty_content", f"message {i} ({m['role']}) is empty")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:  # JSON can escape a lone surrogate (\ud800); it is not text
+            raise Reject("undecodable_text", f"message {i} ({m['role']}) holds a lone surrogate, which is not text") from None
     if not any(m["role"] == "assistant" for m in messages):
         raise Reject("no_assistant_turn", "no message has the assistant role")
     roles = [m["role"] for m in messages]

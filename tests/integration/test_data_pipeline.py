@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -159,7 +160,7 @@ def test_reject_positions_and_details(base_rows):
     assert rej[("support_qa", 41)]["detail"] == "same conversation as support_qa.json row 9"
     assert rej[("support_qa", 104)]["detail"] == "same conversation as support_qa.json row 66"
     assert rej[("kb", 96)]["detail"] == "same conversation as kb.jsonl row 22"
-    assert rej[("kb", 79)]["detail"].endswith("> max_seq_length 512, and " + rej[("kb", 79)]["detail"].split()[0] + " after dropping the oldest turns")
+    assert re.fullmatch(r"(\d+) tokens > max_seq_length 512, and \1 after dropping the oldest turns", rej[("kb", 79)]["detail"])
     assert rej[("support_qa", 58)]["detail"] == "answer is missing"
     assert rej[("chats", 29)]["detail"] == "messages[2].role is 'moderator'; expected system, user or assistant"
     assert rej[("kb", 51)]["detail"] == "the line is not valid UTF-8"
@@ -355,7 +356,9 @@ def test_cli_data_inspect_marks_trained_spans(tiny_model_dir):
     assert out.count("=== ") == 2
     assert "(2 example(s); trained-on tokens are between [[ and ]])" in out
     assert "\033[" not in out  # not a terminal: no colour codes
-    spans = [s.split("]]")[0] for s in out.split("[[")[1:]]
+    body = out.rsplit("\n\n(", 1)[0]  # the examples, without the closing legend
+    spans = [s.split("]]")[0] for s in body.split("[[")[1:]]
+    assert len(spans) >= 3  # a single-turn Q&A and a multi-turn chat
     assert spans and all(s.endswith("<|im_end|>\n") for s in spans)
     assert all("<|im_start|>" not in s for s in spans), "role headers are never trained on"
     assert "=== support_qa support_qa.json row 1:" in out

@@ -13,8 +13,10 @@ from data.pack import (
     collate,
     labels_for,
     pack_examples,
+    pack_flat,
     padding_waste_unpacked,
     single_examples,
+    single_flat,
 )
 
 PAD = 0
@@ -141,6 +143,24 @@ def test_full_block_has_no_pad():
     out = pack_examples([[1, 2, 3, 4]], [[0, 0, 1, 1]], block_len=4, pad_id=PAD)
     assert out["num_tokens"] == [4]
     assert out["labels"][0].tolist() == [-100, -100, 3, 4]
+
+
+def test_no_examples_no_rows():
+    out = pack_flat([], [], [], block_len=8, pad_id=PAD)
+    assert out["input_ids"].shape == (0, 8) and out["num_examples"].tolist() == []
+    assert single_flat([], [], [])["num_tokens"].tolist() == []
+    assert pack_examples([], [], 8, PAD)["input_ids"] == [] and single_examples([], [])["input_ids"] == []
+
+
+def test_pack_flat_matches_the_per_example_layout():
+    ids, masks = make_examples([7, 3, 9, 5, 2])
+    lengths = [len(x) for x in ids]
+    out = pack_flat(lengths, np.concatenate(ids), np.concatenate(masks), block_len=12, pad_id=PAD)
+    assert out["input_ids"].shape == (len(out["num_tokens"]), 12)
+    check_packed({k: list(v) if v.ndim == 2 else v.tolist() for k, v in out.items()}, ids, masks, 12)
+    flat = single_flat(lengths, np.concatenate(ids), np.concatenate(masks))
+    assert flat["position_ids"].tolist() == [p for n in lengths for p in range(n)]
+    assert flat["num_loss_tokens"].tolist() == [int((labels_for(x, m) != IGNORE_INDEX).sum()) for x, m in zip(ids, masks)]
 
 
 def test_labels_for():

@@ -55,3 +55,15 @@ def test_warmup_then_cosine_and_linear_decay():
     assert g(0) == 1.0 and g(5) == pytest.approx(0.5)
     assert lr_lambda("constant", 1, 10)(9) == 1.0
     assert warmup_steps_for(None, 0.1, 50) == 5 and warmup_steps_for(3, 0.5, 50) == 3
+
+
+def test_plan_from_rows_and_batch():
+    from train.trainer import TrainingError, plan_steps
+
+    t = TrainConfig(num_workers=2, micro_batch_size=2, gradient_accumulation_steps=2, epochs=2, warmup_ratio=0.1)
+    plan = plan_steps(t, 103)  # 8 rows per step -> 12 steps per epoch, 7 rows left out
+    assert (plan["steps_per_epoch"], plan["total_steps"], plan["warmup_steps"]) == (12, 24, 2)
+    assert plan["rows_left_out_per_epoch"] == 7
+    assert plan_steps(t.model_copy(update={"max_steps": 5}), 103)["total_steps"] == 5
+    with pytest.raises(TrainingError, match="fewer than one optimizer step"):
+        plan_steps(t, 7)
