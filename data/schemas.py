@@ -175,16 +175,21 @@ def _maybe_json(value: Any, field: str) -> Any:
     return value
 
 
-def _from_openai(rec: dict) -> list[dict]:
-    msgs = _maybe_json(rec.get("messages"), "messages")
-    if msgs is None:
-        raise Reject("missing_field", "messages is missing")
-    if not isinstance(msgs, list):
-        raise Reject("wrong_type", f"messages is a {type(msgs).__name__}, not a list")
-    out = []
-    for i, m in enumerate(msgs):
+def _turn_list(rec: dict, field: str) -> list:
+    items = _maybe_json(rec.get(field), field)
+    if items is None:
+        raise Reject("missing_field", f"{field} is missing")
+    if not isinstance(items, list):
+        raise Reject("wrong_type", f"{field} is a {type(items).__name__}, not a list")
+    for i, m in enumerate(items):
         if not isinstance(m, dict):
-            raise Reject("wrong_type", f"messages[{i}] is a {type(m).__name__}, not an object")
+            raise Reject("wrong_type", f"{field}[{i}] is a {type(m).__name__}, not an object")
+    return items
+
+
+def _from_openai(rec: dict) -> list[dict]:
+    out = []
+    for i, m in enumerate(_turn_list(rec, "messages")):
         role = _role(m.get("role"), f"messages[{i}].role")
         if m.get("tool_calls") or m.get("function_call"):
             raise Reject("tool_turn", f"messages[{i}] calls a tool")
@@ -193,20 +198,13 @@ def _from_openai(rec: dict) -> list[dict]:
 
 
 def _from_sharegpt(rec: dict) -> list[dict]:
-    conv = _maybe_json(rec.get("conversations"), "conversations")
-    if conv is None:
-        raise Reject("missing_field", "conversations is missing")
-    if not isinstance(conv, list):
-        raise Reject("wrong_type", f"conversations is a {type(conv).__name__}, not a list")
+    conv = _turn_list(rec, "conversations")
     out = []
     system = rec.get("system")
     if isinstance(system, str) and system.strip():
         out.append({"role": "system", "content": system})
     for i, m in enumerate(conv):
-        if not isinstance(m, dict):
-            raise Reject("wrong_type", f"conversations[{i}] is a {type(m).__name__}, not an object")
-        speaker = m.get("from", m.get("role"))
-        role = _role(speaker, f"conversations[{i}].from")
+        role = _role(m.get("from", m.get("role")), f"conversations[{i}].from")
         out.append({"role": role, "content": _text_of(m.get("value", m.get("content")), f"conversations[{i}].value")})
     return out
 
