@@ -1,0 +1,116 @@
+"""The `tune:` section: which training fields to search, how, and when a result becomes champion.
+
+A search space maps a dotted field of the config (`train.learning_rate`, `train.lora.rank`; the
+short form `lora.rank` means `train.lora.rank`) to a distribution:
+
+    search_space:
+      train.learning_rate: {loguniform: [1.0e-4, 1.0e-2]}
+      lora.rank: {choice: [4, 8, 16]}
+      lora.alpha: {times: lora.rank, factor: 2}     # a rule: alpha = 2 x rank
+      lora.dropout: {uniform: [0.0, 0.1]}
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+class Choice(_Section):
+    choice: list[Union[int, float]] = Field(min_length=1, description="Pick one of these values.")
+
+
+class Grid(_Section):
+    grid: list[Union[int, float]] = Field(min_length=1, description="Every value, once per sample (grid search).")
+
+
+class Uniform(_Section):
+    uniform: tuple[float, float] = Field(description="[low, high], uniform.")
+
+
+class LogUniform(_Section):
+    loguniform: tuple[float, float] = Field(description="[low, high], uniform in log space (both > 0).")
+
+    @field_validator("loguniform")
+    @classmethod
+    def _positive(cls, v):
+        if v[0] <= 0 or v[1] <= 0:
+            raise ValueError(f"loguniform bounds must be > 0, got {list(v)}")
+        return v
+
+
+class RandInt(_Section):
+    randint: tuple[int, int] = Field(description="[low, high] integers, high inclusive.")
+
+
+class Times(_Section):
+    times: str = Field(description="Another searched field (`lora.rank`); this field = factor x its value.")
+    factor: float = Field(default=2.0, gt=0, description="The multiplier.")
+
+
+Domain = Union[Choice, Grid, Uniform, LogUniform, RandInt, Times]
+
+
+class AshaSettings(_Section):
+    """ASHA: successive halving on eval loss, fed by the evaluations training already reports."""
+
+    enabled: bool = Field(default=True, description="Stop weak trials early; off: every trial runs to the end.")
+    grace_period_steps: int = Field(default=10, ge=1, description="Optimizer steps before a trial can be stopped.")
+    reduction_factor: float = Field(default=2.0, gt=1, description="Keep the best 1/reduction_factor at each rung.")
+    max_steps: Optional[int] = Field(
+        default=None, ge=1, description="Steps of a full trial; unset: the train section's plan (max_steps or epochs)."
+    )
+
+
+class PromotionPolicy(_Section):
+    """When the search's best adapter replaces the registered champion."""
+
+    policy: Literal["better_eval_loss", "always", "never"] = Field(
+        default="better_eval_loss",
+        description="`better_eval_loss`: the challenger becomes champion when its eval loss on the same eval set "
+        "beats the champion's by more than `min_improvement` (or when there is no champion); `always`; `never` "
+        "(alias `challenger` only).",
+    )
+    min_improvement: float = Field(default=0.0, ge=0.0, description="Required eval-loss margin.")
+
+
+class TuneConfig(_Section):
+    """Hyperparameter search with Ray Tune over the training loop."""
+
+    search_space: dict[str, Domain] = Field(min_length=1, description="Dotted field -> distribution (see above).")
+    num_samples: int = Field(default=4, ge=1, description="Trials (with `grid` domains: repeats of the whole grid).")
+    algorithm: Literal["random", "optuna"] = Field(
+        default="random", description="`random` (grid domains enumerate) or Optuna TPE (needs `pip install optuna`)."
+    )
+    metric: Literal["eval_loss"] = Field(default="eval_loss", description="What the search minimises.")
+    asha: AshaSettings = Field(default_factory=AshaSettings, description="Early stopping of trials.")
+    max_concurrent_trials: Optional[int] = Field(
+        default=None, ge=1, description="Trials at once; unset: as many as the cluster's CPUs/GPUs fit."
+    )
+    seed: int = Field(default=0, description="Seed of the search algorithm.")
+    promotion: PromotionPolicy = Field(default_factory=PromotionPolicy, description="Champion policy.")
+
+    @model_validator(mode="after")
+    def _times_refers_to_searched(self):
+        keys = {canonical_key(k) for k in self.search_space}
+        for k, d in self.search_space.items():
+            if isinstance(d, Times) and canonical_key(d.times) not in keys:
+                raise ValueError(
+                    f"search_space.{k}: `times: {d.times}` refers to a field that is not searched; add "
+                    f"{d.times} to search_space or use a fixed value in the train section"
+                )
+        return self
+
+
+def canonical_key(key: str) -> str:
+    """`lora.rank` -> `train.lora.rank`; `train.x` stays."""
+    key = key.strip()
+    return key if key.startswith("train.") else "train." + key
+
+
+def describe(domain: Any) -> str:
+    return domain.model_dump_json() if isinstance(domain, BaseModel) else repr(domain)
