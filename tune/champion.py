@@ -1,0 +1,77 @@
+"""Crowning: the search's best adapter is merged, registered as `challenger`, and promoted to
+`champion` by the config's policy.
+
+`better_eval_loss` compares eval losses only when both versions were measured on the same eval set
+(same dataset fingerprint); otherwise the challenger stays a challenger and the log says why.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+
+
+def current_version(uri: str, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    from train.tracking import client
+
+    try:
+        return client(uri).get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def decide(policy: str, min_improvement: float, challenger_loss: Optional[float], challenger_fp: Optional[str],
+           champion) -> tuple[bool, str]:
+    """(promote?, why) for a challenger against the current champion version (or None)."""
+    if policy == "never":
+        return False, "policy `never`: the new version stays `challenger`"
+    if policy == "always":
+        return True, "policy `always`"
+    if champion is None:
+        return True, "there is no champion yet"
+    tags = dict(champion.tags or {})
+    if challenger_fp is None or tags.get("dataset_fingerprint") != challenger_fp:
+        return False, (f"champion v{champion.version} was measured on another eval set (fingerprint "
+                       f"{tags.get('dataset_fingerprint')} vs {challenger_fp}); eval losses are not comparable, so "
+                       f"the new version stays `challenger` (promote it by hand after checking)")
+    try:
+        champion_loss = float(tags["eval_loss"])
+    except (KeyError, ValueError):
+        return True, f"champion v{champion.version} has no eval loss recorded"
+    if challenger_loss is not None and challenger_loss < champion_loss - min_improvement:
+        return True, f"eval loss {challenger_loss:.4f} beats champion v{champion.version}'s {champion_loss:.4f}"
+    return False, (f"eval loss {challenger_loss:.4f} does not beat champion v{champion.version}'s "
+                   f"{champion_loss:.4f} by more than {min_improvement}")
+
+
+def crown(cfg, outcome, data, uri: Optional[str], log: Callable[[str], None] = print) -> None:
+    from train.export import export_run
+    from train.tracking import client
+
+    best = outcome.best
+    name = cfg.tracking.register_model if cfg.tracking.register_model is not None else cfg.name
+    out_dir = os.path.join(outcome.search_dir, "export")
+    result = export_run(best.run_dir, out_dir, merge=True, log=log, register=name if (uri and name) else None)
+    outcome.merged_dir = result.merged_dir
+    if not (uri and name and result.registered):
+        outcome.notes.append("tracking is off: the merged champion candidate is exported but not registered")
+        return
+    version = result.registered.version
+    c = client(uri)
+    # The version's eval loss is the best trial's best evaluation, the checkpoint that was exported.
+    c.set_model_version_tag(name, version, "eval_loss", str(best.best_eval_loss))
+    c.set_model_version_tag(name, version, "rayft.search", os.path.basename(outcome.search_dir))
+    c.set_registered_model_alias(name, CHALLENGER, version)
+    outcome.registered = result.registered
+    promote, why = decide(cfg.tune.promotion.policy, cfg.tune.promotion.min_improvement, best.best_eval_loss,
+                          data.fingerprint, current_version(uri, name, CHAMPION))
+    if promote:
+        c.set_registered_model_alias(name, CHAMPION, version)
+        outcome.promoted = CHAMPION
+        log(f"{name} v{version} is now `champion` ({why}); serve it with models:/{name}@{CHAMPION}")
+    else:
+        outcome.promoted = CHALLENGER
+        log(f"{name} v{version} is `challenger`, not promoted: {why}")

@@ -1,0 +1,241 @@
+"""`rayft tune`: Ray Tune over the training loop, ASHA on eval loss, then export, register and promote.
+
+Each trial is a real distributed training run: a small driver task per trial starts one TorchTrainer
+(the same `train_loop_per_worker` as `rayft train`) whose reports reach Tune through
+`TuneReportCallback`. The data is prepared once and shared by every trial.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from train.trainer import TrainingError
+
+from .space import apply_params, to_tune_space, validate_space
+
+SEARCH_FILE = "rayft_search.json"
+TRIAL_RESULT_FILE = "rayft_trial.json"
+# The driver task of a trial only waits on its TorchTrainer; Tune refuses a zero request.
+DRIVER_CPUS = 0.01
+
+
+class SearchError(TrainingError):
+    """A search that cannot start or finish; the message says what to change."""
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    params: dict
+    best_eval_loss: Optional[float]
+    steps: int
+    stopped_early: bool
+    status: str
+    run_dir: Optional[str]
+
+
+@dataclass
+class SearchOutcome:
+    search_dir: str
+    trials: list[TrialRow]
+    best: Optional[TrialRow]
+    steps_run: int
+    steps_full: int
+    registered: Any = None
+    promoted: Optional[str] = None
+    merged_dir: Optional[str] = None
+    mlflow_parent_run_id: Optional[str] = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def compute_fraction(self) -> float:
+        return self.steps_run / self.steps_full if self.steps_full else 1.0
+
+
+def trial_resources(train_cfg) -> dict[str, float]:
+    """What one trial holds while it runs: its workers plus its driver task."""
+    need = {"CPU": train_cfg.num_workers * train_cfg.cpus_per_worker + DRIVER_CPUS}
+    if train_cfg.use_gpu:
+        need["GPU"] = float(train_cfg.num_workers)
+    return need
+
+
+def check_fits(train_cfg, cluster: dict[str, float], max_concurrent: Optional[int]) -> int:
+    """How many trials can run at once; an error when one trial can never fit the cluster."""
+    need = trial_resources(train_cfg)
+    for res, amount in need.items():
+        have = float(cluster.get(res, 0.0))
+        if amount > have + 1e-9:
+            raise SearchError(
+                f"one trial needs {amount:g} {res} (train.num_workers {train_cfg.num_workers} x "
+                f"{'1 GPU' if res == 'GPU' else f'train.cpus_per_worker {train_cfg.cpus_per_worker:g}'} plus "
+                f"{DRIVER_CPUS} for its driver) but the cluster has {have:g}; lower train.num_workers or "
+                f"train.cpus_per_worker, or add nodes (a trial that cannot fit would wait forever)"
+            )
+    fit = min(int((float(cluster.get(r, 0.0)) + 1e-9) // a) for r, a in need.items() if a > 0)
+    return max(1, min(fit, max_concurrent or fit))
+
+
+def _trial_driver(config: dict, cfg=None, data=None, search_dir: str = "", parent_run: Optional[dict] = None) -> None:
+    """One trial: the run's config with the trial's values, trained by the shared training code."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from train.trainer import fit
+
+    params = {k: v for k, v in config.items() if k.startswith("train.")}
+    trial_train = apply_params(cfg.train, params)
+    trial_id = tune.get_context().get_trial_id()
+    trial_cfg = cfg.model_copy(update={"train": trial_train})
+    run_name = f"trial-{trial_id}"
+    outcome = fit(trial_cfg, data, run_name=run_name, storage=os.path.join(search_dir, "trials"),
+                  callbacks=[TuneReportCallback()], mlflow_parent=parent_run, register=False,
+                  mlflow_run_name=f"{cfg.name}/{run_name}", extra_params=params)
+    with open(os.path.join(outcome.run_dir, TRIAL_RESULT_FILE), "w", encoding="utf-8") as f:
+        json.dump({"params": params, "adapter_dir": outcome.adapter_dir, "run_dir": outcome.run_dir,
+                   "mlflow_run_id": outcome.mlflow_run_id}, f, indent=2)
+
+
+def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) -> SearchOutcome:
+    """Run the search described by `cfg.tune` (cfg is the composed RayftConfig)."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from train.trainer import prepare_training_data
+    from train.tracking import open_run, tracking_uri
+
+    tcfg = cfg.tune
+    if tcfg is None:
+        raise SearchError(f"{cfg.name}: the config has no `tune:` section; add one (see examples/quickstart-tune.yaml)")
+    validate_space(tcfg, cfg.train)
+    # Training reports at logging steps carry no eval loss; ASHA skips those, Tune's strict check must too.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+
+    storage = os.path.abspath(cfg.storage_path) if "://" not in cfg.storage_path else cfg.storage_path
+    search_name = f"{cfg.name}-search"
+    search_dir = os.path.join(storage, search_name)
+    cluster = ray.cluster_resources()
+    # Check the largest trial the space can produce (num_workers may be searched too).
+    concurrency = check_fits(cfg.train, cluster, tcfg.max_concurrent_trials)
+
+    data = prepare_training_data(cfg, log=log)
+    max_steps = tcfg.asha.max_steps or data.plan["total_steps"]
+    search_train = cfg.train.model_copy(update={"max_steps": max_steps})
+    cfg = cfg.model_copy(update={"train": search_train})
+
+    uri = parent_id = None
+    if cfg.tracking.enabled:
+        uri = tracking_uri(cfg.tracking.tracking_uri, storage)
+        parent_id = open_run(uri, cfg.tracking.experiment, search_name, storage,
+                             {"tune": tcfg.model_dump(mode="json"), "base": cfg.model_dump(mode="json", by_alias=True)},
+                             {"rayft.kind": "search", "dataset_fingerprint": data.fingerprint})
+    parent = {"uri": uri, "run_id": parent_id} if parent_id else None
+
+    scheduler = (ASHAScheduler(time_attr="global_step", metric="eval_loss", mode="min", max_t=max_steps,
+                               grace_period=min(tcfg.asha.grace_period_steps, max_steps),
+                               reduction_factor=tcfg.asha.reduction_factor)
+                 if tcfg.asha.enabled else FIFOScheduler())
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial_driver, cfg=cfg, data=data, search_dir=search_dir, parent_run=parent),
+        {"cpu": DRIVER_CPUS})
+    search_alg = None
+    if tcfg.algorithm == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as e:
+            raise SearchError(f"tune.algorithm: optuna needs the optuna package ({e}); pip install optuna, or use random") from None
+        search_alg = OptunaSearch(metric="eval_loss", mode="min", seed=tcfg.seed)
+
+    path = os.path.join(storage, search_name)
+    if resume:
+        if not tune.Tuner.can_restore(path):
+            raise SearchError(f"--resume: no search to resume in {path}; run without --resume to start one")
+        log(f"resuming the search in {path}: finished trials are kept, unfinished ones continue")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=to_tune_space(tcfg),
+            tune_config=tune.TuneConfig(num_samples=tcfg.num_samples, scheduler=scheduler, search_alg=search_alg,
+                                        max_concurrent_trials=concurrency, metric="eval_loss", mode="min"),
+            run_config=tune.RunConfig(name=search_name, storage_path=storage, verbose=0),
+        )
+    log(f"search: {tcfg.num_samples} trial(s), up to {concurrency} at once, {max_steps} steps each at most, "
+        f"ASHA {'on' if tcfg.asha.enabled else 'off'}")
+    t0 = time.time()
+    grid = tuner.fit()
+    outcome = summarise(grid, max_steps, search_dir)
+    log(format_table(outcome))
+    log(f"compute: {outcome.steps_run} trial-steps run of {outcome.steps_full} a full search would run "
+        f"({100 * (1 - outcome.compute_fraction):.0f}% saved) in {time.time() - t0:.0f}s")
+    outcome.mlflow_parent_run_id = parent_id
+    if uri and parent_id:
+        from train.tracking import client
+
+        c = client(uri)
+        c.log_metric(parent_id, "trial_steps_run", outcome.steps_run)
+        c.log_metric(parent_id, "trial_steps_full", outcome.steps_full)
+        if outcome.best and outcome.best.best_eval_loss is not None:
+            c.log_metric(parent_id, "best_eval_loss", outcome.best.best_eval_loss)
+    if outcome.best is None:
+        raise SearchError("no trial finished with an eval loss; see the trial errors above")
+    from .champion import crown
+
+    crown(cfg, outcome, data, uri, log)
+    if uri and parent_id:
+        client(uri).set_terminated(parent_id, status="FINISHED")
+    return outcome
+
+
+def summarise(grid, max_steps: int, search_dir: str) -> SearchOutcome:
+    rows = []
+    for r in grid:
+        df = r.metrics_dataframe
+        best = None
+        if df is not None and "eval_loss" in df:
+            vals = df["eval_loss"].dropna()
+            best = float(vals.min()) if len(vals) else None
+        steps = int(df["global_step"].max()) if df is not None and "global_step" in df and len(df) else 0
+        params = {k: v for k, v in (r.config or {}).items() if k.startswith("train.")}
+        trial_id = _trial_id(r)
+        trial_dir = os.path.join(search_dir, "trials", f"trial-{trial_id}") if trial_id else None
+        run_dir = trial_dir if trial_dir and os.path.isdir(trial_dir) else None
+        rows.append(TrialRow(trial_id or "?", params, best, steps, stopped_early=steps < max_steps and r.error is None,
+                             status="ERROR" if r.error else "TERMINATED", run_dir=run_dir))
+    done = [t for t in rows if t.best_eval_loss is not None and t.run_dir]
+    best = min(done, key=lambda t: t.best_eval_loss) if done else None
+    return SearchOutcome(search_dir, rows, best, steps_run=sum(t.steps for t in rows), steps_full=len(rows) * max_steps)
+
+
+def _trial_id(result) -> Optional[str]:
+    """Tune puts the trial id in every reported result."""
+    metrics = result.metrics or {}
+    return metrics.get("trial_id") or None
+
+
+def format_table(o: SearchOutcome) -> str:
+    keys = sorted({k for t in o.trials for k in t.params})
+    head = ["trial"] + [k.removeprefix("train.") for k in keys] + ["best eval loss", "steps", "stopped early", "status"]
+    rows = []
+    for t in sorted(o.trials, key=lambda t: (t.best_eval_loss is None, t.best_eval_loss or 0.0)):
+        rows.append([t.trial_id] + [_fmt(t.params.get(k)) for k in keys] +
+                    [_fmt(t.best_eval_loss), str(t.steps), "yes" if t.stopped_early else "no", t.status])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    if o.best:
+        out.append(f"best: trial {o.best.trial_id} (eval loss {_fmt(o.best.best_eval_loss)})")
+    return "\n".join(out)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else str(v)
+    return str(v)
