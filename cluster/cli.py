@@ -7,7 +7,12 @@
     rayft data inspect FILE [-n N] [--set k=v ...]
     rayft quickstart [--workdir DIR]
     rayft train FILE [--resume] [--set k=v ...]
-    rayft export RUN --out DIR [--merge] [--checkpoint best|latest|PATH]
+    rayft export RUN --out DIR [--merge] [--checkpoint best|latest|PATH] [--register NAME]
+    rayft serve FILE [--set k=v ...] | rayft serve --model PATH|models:/NAME@champion [--adapter NAME=PATH ...]
+
+    rayft plan FILE [--cluster cluster.yaml] [--json] [--set k=v ...]
+    rayft submit FILE [--address URL] [--no-wait] -- train|tune|run|data prepare [--set k=v ...]
+    rayft jobs list | status ID | logs ID [--follow] | stop ID [--address URL]
 
 Exit codes: 0 success, 2 a usage or config error (the message says what to fix), 1 anything else.
 """
@@ -181,10 +186,88 @@ def cmd_export(args) -> int:
     from train.trainer import TrainingError
 
     try:
-        export_run(args.run, args.out, merge=args.merge, which=args.checkpoint)
+        export_run(args.run, args.out, merge=args.merge, which=args.checkpoint, register=args.register)
     except (ExportError, TrainingError) as e:
         raise UserError(str(e)) from None
     return 0
+
+
+def cmd_serve(args) -> int:
+    """An OpenAI-compatible endpoint on Ray Serve: the `serve:` section of FILE, or a model given by flags."""
+    from pydantic import ValidationError
+
+    from serve.config import ServeConfig
+
+    from .config import format_validation_error
+    from .ray_conn import connect
+
+    if args.hash_key:  # read from stdin so the key stays out of shell history and `ps`
+        from serve.auth import hash_key
+
+        key = sys.stdin.readline().strip()
+        if not key:
+            raise UserError("--hash-key reads the key from stdin; pipe it in: rayft serve --hash-key < keyfile")
+        print(hash_key(key))
+        return 0
+    flags = {k: v for k, v in (("host", args.host), ("port", args.port), ("api_keys_file", args.keys_file)) if v is not None}
+    adapters = {}
+    for item in args.adapter or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--adapter {item!r}: expected NAME=PATH, for example --adapter support=runs/support/export/adapter")
+        adapters[name] = path
+    address, num_cpus, tracking = None, None, args.tracking_uri
+    if args.file:
+        from train.tracking import tracking_uri
+
+        cfg = _load(args)
+        raw = cfg.serve.model_dump(exclude_unset=True)
+        model = args.model or cfg.serve.model or cfg.model.name_or_path
+        address, num_cpus = cfg.ray.address, cfg.ray.num_cpus
+        tracking = tracking or tracking_uri(cfg.tracking.tracking_uri, cfg.storage_path)
+    elif args.model:
+        raw, model = {}, args.model
+    else:
+        raise UserError("give a config FILE or --model PATH (a merged model folder, hub id or models:/NAME@alias)")
+    raw.update(flags, model=model)
+    if adapters:
+        raw["adapters"] = {**raw.get("adapters", {}), **adapters}
+    try:
+        scfg = ServeConfig.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, args.file or "rayft serve", ServeConfig)) from None
+    print(connect(address, num_cpus))
+    from serve.app import run_server
+
+    return run_server(scfg, model, tracking, smoke_test=args.smoke_test)
+
+
+def cmd_plan(args) -> int:
+    from .cluster_yaml import ClusterYamlError
+    from .plan import PlanError, run_plan
+
+    try:
+        return run_plan(args)
+    except (PlanError, ClusterYamlError) as e:
+        raise UserError(str(e)) from None
+
+
+def cmd_submit(args) -> int:
+    from .jobs import JobError, run_submit
+
+    try:
+        return run_submit(args)
+    except JobError as e:
+        raise UserError(str(e)) from None
+
+
+def cmd_jobs(args) -> int:
+    from .jobs import JobError, run_jobs
+
+    try:
+        return run_jobs(args)
+    except JobError as e:
+        raise UserError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.set_defaults(fn=cmd_data_inspect)
 
     qs = sub.add_parser("quickstart", help="tiny model + sample data, end to end on this machine")
-    qs.add_argument("--workdir", default="runs/quickstart", help="where the tiny model and outputs go")
+    qs.add_argument("--workdir", default="runs", help="where the tiny model (DIR/tiny-model) and the run (DIR/quickstart) go")
     qs.set_defaults(fn=cmd_quickstart)
 
     tr = with_file(sub.add_parser("train", help="LoRA fine-tuning on Ray Train with DeepSpeed; resumes a stopped run"))
@@ -230,7 +313,47 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output folder (gets adapter/ and, with --merge, merged/)")
     ex.add_argument("--merge", action="store_true", help="also fold the adapter into the base (checked against base+adapter)")
     ex.add_argument("--checkpoint", default="best", help="best (lowest eval loss, default), latest, or a checkpoint folder")
+    ex.add_argument("--register", metavar="NAME", help="also register the export (merged model, else adapter) as a new version of NAME in the MLflow registry")
     ex.set_defaults(fn=cmd_export)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible endpoint on Ray Serve (merged model, or base + LoRA adapters)")
+    sv.add_argument("file", nargs="?", help="a config whose serve: section says what to serve")
+    sv.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. --set serve.port=8001")
+    sv.add_argument("--model", help="merged model or base: folder, hub id, or models:/NAME@alias (overrides serve.model)")
+    sv.add_argument("--adapter", action="append", metavar="NAME=PATH", help="serve a LoRA adapter as <model>:NAME (repeatable)")
+    sv.add_argument("--host", help="listen address (default 127.0.0.1; anything else requires --keys-file)")
+    sv.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    sv.add_argument("--keys-file", help="hashed API keys (YAML list of {sha256, tenant, adapters})")
+    sv.add_argument("--tracking-uri", help="MLflow tracking/registry URI for models:/ URIs (default: the config's)")
+    sv.add_argument("--hash-key", action="store_true", help="print the sha256 of the key read from stdin, for the keys file")
+    sv.add_argument("--smoke-test", action="store_true", help="start, answer /health and one completion, then stop")
+    sv.set_defaults(fn=cmd_serve)
+
+    # Cluster: plan, submit and manage jobs (cluster/plan.py, cluster/jobs.py).
+    from .jobs import add_connection_options, add_submit_options
+
+    pl = with_file(sub.add_parser("plan", help="memory per GPU and tokens per step; the cluster.yaml worker type that fits"))
+    pl.add_argument("--cluster", help="cluster launcher config to recommend from (default: cluster.yaml of the project)")
+    pl.add_argument("--json", action="store_true", help="print the figures as JSON")
+    pl.set_defaults(fn=cmd_plan)
+    sm = sub.add_parser("submit", help="run a rayft command on a Ray cluster as a job: rayft submit FILE -- train",
+                        usage="rayft submit FILE [--address URL] [--no-wait] [--env K=V] -- train|tune|run|data prepare [ARGS]")
+    sm.add_argument("file", help="the run's YAML config (inside the project folder, which is uploaded)")
+    add_submit_options(sm)
+    sm.add_argument("rest", nargs=argparse.REMAINDER, help="-- then the rayft command and its options")
+    sm.set_defaults(fn=cmd_submit)
+    jb = sub.add_parser("jobs", help="list, inspect, follow or stop Ray jobs").add_subparsers(dest="action", required=True, metavar="ACTION")
+    add_connection_options(jb.add_parser("list", help="every job on the cluster, newest first"))
+    for name, text in (("status", "a job's status and message"), ("logs", "a job's logs"), ("stop", "stop a running job")):
+        jp = jb.add_parser(name, help=text)
+        jp.add_argument("job_id")
+        add_connection_options(jp)
+        if name == "logs":
+            jp.add_argument("--follow", action="store_true", help="stream until the job ends; exit code reflects its status")
+        if name == "status":
+            jp.add_argument("--exit-code", action="store_true", help="exit 0 only if the job succeeded")
+    for jp in jb.choices.values():
+        jp.set_defaults(fn=cmd_jobs)
     return p
 
 

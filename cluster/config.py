@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from data.config import DataConfig
+from serve.config import ServeConfig
 from train.config import ModelConfig, TrackingConfig, TrainConfig
 
 
@@ -45,6 +46,9 @@ class RayftConfig(BaseModel):
     ray: RayConfig = Field(default_factory=RayConfig)
     train: TrainConfig = Field(default_factory=TrainConfig, description="Distributed LoRA training (train/config.py).")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry.")
+    serve: ServeConfig = Field(
+        default_factory=ServeConfig, description="OpenAI-compatible serving on Ray Serve (serve/config.py)."
+    )
 
     @field_validator("name")
     @classmethod

@@ -176,16 +176,15 @@ def read_state(path: str) -> dict:
 
 
 def choose_resume_checkpoint(latest: Optional[str], run_dir: Optional[str], warn: Callable[[str], None]) -> Optional[str]:
-    """The newest intact checkpoint: Ray's latest if intact, else the next newest in the run folder, with a warning."""
-    candidates: list[str] = []
-    if latest:
-        candidates.append(latest)
+    """The newest intact checkpoint among Ray's latest and the run folder's; a damaged one is skipped with a warning."""
+    found: list[tuple[int, str]] = []
     if run_dir and os.path.isdir(run_dir):
-        found = [(step_of(d), os.path.join(run_dir, d)) for d in os.listdir(run_dir) if step_of(d) is not None]
-        for _, p in sorted(found, reverse=True):
-            if not latest or os.path.realpath(p) != os.path.realpath(latest):
-                candidates.append(p)
-    for i, path in enumerate(candidates):
+        found = sorted(((step_of(d), os.path.join(run_dir, d)) for d in os.listdir(run_dir) if step_of(d) is not None),
+                       reverse=True)
+    candidates = [p for _, p in found]
+    if latest and not any(os.path.realpath(p) == os.path.realpath(latest) for p in candidates):
+        candidates.insert(0, latest)  # remote storage: Ray's copy is the only one we can see
+    for path in candidates:
         problem = check_checkpoint(path)
         if problem is None:
             return path

@@ -37,6 +37,7 @@ class ExportResult:
     merged_dir: Optional[str]
     max_abs_diff: Optional[float]
     tolerance: Optional[float]
+    registered: Optional[object] = None
 
 
 def find_adapter(run_dir: str, which: str = "best") -> str:
@@ -53,7 +54,7 @@ def find_adapter(run_dir: str, which: str = "best") -> str:
 
 
 def export_run(run_dir: str, out_dir: str, merge: bool = False, which: str = "best",
-               log: Callable[[str], None] = print) -> ExportResult:
+               log: Callable[[str], None] = print, register: Optional[str] = None) -> ExportResult:
     from .trainer import read_run_file
 
     run = read_run_file(run_dir)
@@ -65,12 +66,35 @@ def export_run(run_dir: str, out_dir: str, merge: bool = False, which: str = "be
     tokenizer = _load_tokenizer(model_cfg)
     tokenizer.save_pretrained(adapter_out)
     log(f"adapter from {source} -> {adapter_out}")
-    if not merge:
-        return ExportResult(adapter_out, None, None, None)
-    merged_out = os.path.join(out_dir, "merged")
-    diff, tol = merge_adapter(model_cfg, adapter_out, merged_out, tokenizer)
-    log(f"merged model -> {merged_out} (logits vs base+adapter: max |diff| {diff:.2e} <= {tol:.2e})")
-    return ExportResult(adapter_out, merged_out, diff, tol)
+    result = ExportResult(adapter_out, None, None, None)
+    if merge:
+        merged_out = os.path.join(out_dir, "merged")
+        diff, tol = merge_adapter(model_cfg, adapter_out, merged_out, tokenizer)
+        log(f"merged model -> {merged_out} (logits vs base+adapter: max |diff| {diff:.2e} <= {tol:.2e})")
+        result = ExportResult(adapter_out, merged_out, diff, tol)
+    if register:
+        result.registered = register_export(run, result, register)
+        log(f"registered {register} version {result.registered.version} ({'merged' if merge else 'adapter'})")
+    return result
+
+
+def register_export(run: dict, result: ExportResult, name: str):
+    """Log the exported folder into the run's MLflow run and register it as a version of `name`."""
+    from .registry import register_version
+    from .tracking import client
+
+    if not run.get("mlflow_run_id"):
+        raise ExportError("--register needs the run's MLflow run; this run was trained with tracking.enabled: false")
+    kind = "merged" if result.merged_dir else "adapter"
+    folder = result.merged_dir or result.adapter_dir
+    c = client(run["tracking_uri"])
+    c.log_artifacts(run["mlflow_run_id"], folder, artifact_path=f"export/{kind}")
+    cfg = run["config"]
+    metrics = run.get("metrics") or {}
+    return register_version(run["tracking_uri"], name, run["mlflow_run_id"], f"export/{kind}", lineage={
+        "kind": kind, "base_model": cfg["model"]["name_or_path"], "peft_type": "LORA",
+        "lora_rank": cfg["train"]["lora"]["rank"], "dataset_fingerprint": run.get("dataset_fingerprint"),
+        "eval_loss": metrics.get("eval_loss"), "git_commit": None})
 
 
 def _load_tokenizer(model_cfg: ModelConfig):

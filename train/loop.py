@@ -7,8 +7,10 @@ so every rank takes the same number of steps and a resumed run follows the same 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -28,6 +30,7 @@ def train_loop_per_worker(config: dict) -> None:
     from .checkpoint import (ENGINE_DIR, ENGINE_TAG, checkpoint_dir_name, choose_resume_checkpoint, read_state,
                              set_rng_state, write_rank_part)
     from .config import ModelConfig, TrainConfig
+    from .early_stopping import observe_eval
     from .engine import build_engine
     from .loss import count_loss_tokens, sum_token_loss
     from .tracking import log_metrics
@@ -48,27 +51,31 @@ def train_loop_per_worker(config: dict) -> None:
     # ---- resume: Ray hands back the latest reported checkpoint (worker restart or re-run driver);
     # a damaged one falls back to the previous intact checkpoint in the run folder.
     state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "best_eval_loss": None, "bad_evals": 0,
-             "eval_loss": None, "initial_eval_loss": None}
+             "eval_loss": None, "initial_eval_loss": None, "stopped_early": False}
+    # The run folder is searched too: a worker killed between writing a checkpoint and Ray registering it
+    # must not send the run back to step 0.
     latest = ray.train.get_checkpoint()
-    if latest is not None or config.get("require_resume"):
-        with (latest.as_directory() if latest is not None else _nullpath()) as latest_dir:
-            path = choose_resume_checkpoint(latest_dir, run_dir, warn=lambda m: say("warning: " + m))
-            if path is None and config.get("require_resume"):
-                raise RuntimeError(f"--resume: no intact checkpoint under {run_dir}")
-            if path is not None:
-                engine.load_checkpoint(os.path.join(path, ENGINE_DIR), tag=ENGINE_TAG, load_module_strict=False)
-                state.update({k: v for k, v in read_state(path).items() if k in state})
-                import json
-
-                with open(os.path.join(path, "rng", f"rank{rank}.json")) as f:
-                    set_rng_state(json.load(f))
-                say(f"resumed from {os.path.basename(path)} at step {state['global_step']}")
+    with (latest.as_directory() if latest is not None else _nullpath()) as latest_dir:
+        path = choose_resume_checkpoint(latest_dir, run_dir, warn=lambda m: say("warning: " + m))
+        if path is None and config.get("require_resume"):
+            raise RuntimeError(f"--resume: no intact checkpoint under {run_dir}")
+        if path is not None:
+            saved = read_state(path)
+            if saved["world_size"] != world:
+                raise RuntimeError(
+                    f"{path} was written by {saved['world_size']} workers and this run has {world}; the data order "
+                    f"and DeepSpeed state depend on it. Set train.num_workers: {saved['world_size']} or use a new run name")
+            engine.load_checkpoint(os.path.join(path, ENGINE_DIR), tag=ENGINE_TAG, load_module_strict=False)
+            state.update({k: v for k, v in saved.items() if k in state})
+            with open(os.path.join(path, "rng", f"rank{rank}.json")) as f:
+                set_rng_state(json.load(f))
+            say(f"resumed from {os.path.basename(path)} at step {state['global_step']}")
     start_step = state["global_step"]
 
     train_rows = ray.train.get_dataset_shard("train")
     eval_rows = ray.train.get_dataset_shard("eval") if plan["has_eval"] else None
 
-    def micro_batches(epoch: int, skip: int):
+    def micro_batches(skip: int):
         # Every rank reads the same ordered rows and keeps every world-th one: a deterministic shard,
         # so a resumed run sees exactly the rows it would have seen.
         for i, rows in enumerate(train_rows.iter_batches(batch_size=micro * world, batch_format="numpy", drop_last=True)):
@@ -76,11 +83,11 @@ def train_loop_per_worker(config: dict) -> None:
                 yield {k: v[rank::world] for k, v in rows.items()}
 
     def all_sum(*values: float) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=device)  # NCCL on GPUs reduces device tensors only
         dist.all_reduce(t)
         return t.tolist()
 
-    def token_loss_sum(rows) -> tuple:
+    def token_loss_sum(rows):
         batch = {k: v.to(device) for k, v in collate(rows, plan["pad_token_id"], plan["packed"]).items()}
         labels = batch.pop("labels")
         # No KV cache: transformers derives the block-diagonal mask of packed rows only when none is built.
@@ -123,11 +130,12 @@ def train_loop_per_worker(config: dict) -> None:
     state["initial_eval_loss"] = initial_eval_loss
     engine.train()
     proc = psutil.Process()
-    stop = False
+    attempt_tokens, attempt_time_s = 0.0, 0.0  # non-pad tokens and step time since this attempt started
+    stop = state["stopped_early"]  # a resumed run that had stopped early stays stopped
     t_start = time.perf_counter()
     while state["global_step"] < total and not stop:
         epoch_done = False
-        batches = micro_batches(state["epoch"], skip=state["step_in_epoch"] * gas)
+        batches = micro_batches(skip=state["step_in_epoch"] * gas)
         while state["step_in_epoch"] < per_epoch and state["global_step"] < total:
             t0 = time.perf_counter()
             window = [next(batches) for _ in range(gas)]
@@ -149,6 +157,8 @@ def train_loop_per_worker(config: dict) -> None:
             state["step_in_epoch"] += 1
             step = state["global_step"]
             dt = time.perf_counter() - t0
+            attempt_tokens += nonpad
+            attempt_time_s += dt
 
             metrics = {}
             if step % train.logging_every_n_steps == 0 or step == total:
@@ -158,6 +168,8 @@ def train_loop_per_worker(config: dict) -> None:
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "tokens_per_s": nonpad / dt, "samples_per_s": examples / dt, "step_time_s": dt,
                     "memory_rss_mb": proc.memory_info().rss / 2**20,
+                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                    "train_tokens": attempt_tokens, "train_time_s": attempt_time_s,
                 }
                 if torch.cuda.is_available() and train.use_gpu:
                     metrics["gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -166,15 +178,13 @@ def train_loop_per_worker(config: dict) -> None:
             if evaluated:
                 metrics.update(evaluate())
                 state["eval_loss"] = metrics["eval_loss"]
-                best = state["best_eval_loss"]
-                if best is None or metrics["eval_loss"] < best - train.early_stopping.threshold:
-                    state["best_eval_loss"], state["bad_evals"] = metrics["eval_loss"], 0
-                else:
-                    state["bad_evals"] += 1
-                    patience = train.early_stopping.patience
-                    if patience and state["bad_evals"] >= patience:
-                        stop = True
-                        say(f"early stopping at step {step}: eval loss has not improved for {patience} evaluations")
+                state["best_eval_loss"], state["bad_evals"], stop = observe_eval(
+                    state["best_eval_loss"], state["bad_evals"], metrics["eval_loss"],
+                    train.early_stopping.patience, train.early_stopping.threshold)
+                state["stopped_early"] = stop
+                if stop:
+                    say(f"early stopping at step {step}: eval loss has not improved for "
+                        f"{train.early_stopping.patience} evaluations")
             epoch_done = state["step_in_epoch"] == per_epoch
             if epoch_done:  # the checkpoint below must say: next step starts a new epoch
                 state["epoch"] += 1

@@ -48,6 +48,6 @@ def list_versions(tracking_uri: str, name: str) -> list[dict]:
     c = client(tracking_uri)
     out = []
     for mv in c.search_model_versions(f"name = '{name}'"):
-        out.append({"version": mv.version, "source": mv.source, "run_id": mv.run_id, "tags": dict(mv.tags),
+        out.append({"version": str(mv.version), "source": mv.source, "run_id": mv.run_id, "tags": dict(mv.tags),
                     "aliases": list(getattr(mv, "aliases", []) or [])})
     return sorted(out, key=lambda v: int(v["version"]))

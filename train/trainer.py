@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .checkpoint import ADAPTER_DIR, best_and_latest
-from .config import ModelConfig, TrackingConfig, TrainConfig
+from .config import ModelConfig, TrainConfig
 
 RUN_FILE = "rayft_run.json"
 
@@ -122,18 +122,22 @@ def run_training(cfg, resume: bool = False, log: Callable[[str], None] = print) 
     train, model, tracking_cfg = cfg.train, cfg.model, cfg.tracking
     storage = os.path.abspath(cfg.storage_path) if "://" not in cfg.storage_path else cfg.storage_path
     run_dir = os.path.join(storage, cfg.name)
+    remote = "://" in storage
+    # The driver's own files (data report, run file, final adapter) need a local folder; with remote storage
+    # they go to ./runs/<name> and the checkpoints stay in the bucket.
+    local_dir = os.path.abspath(os.path.join("runs", cfg.name)) if remote else run_dir
     check_before_start(model, train)
 
     existing = best_and_latest(run_dir)["latest"] if os.path.isdir(run_dir) else None
-    if resume and existing is None:
+    if resume and existing is None and not remote:  # remote: the workers check (require_resume)
         raise TrainingError(f"--resume: {run_dir} holds no intact checkpoint to resume from; run without --resume to start")
     if existing:
         log(f"{run_dir} has checkpoints: continuing from the last one (same run name and storage path)")
 
     spec = TokenizerSpec(model.tokenizer_name_or_path, model.revision, model.trust_remote_code)
     prepared = prepare(cfg.data, spec, micro_batch_size=train.micro_batch_size, log=log)
-    os.makedirs(run_dir, exist_ok=True)
-    report_path = os.path.join(run_dir, "data_report.json")
+    os.makedirs(local_dir, exist_ok=True)
+    report_path = os.path.join(local_dir, "data_report.json")
     with open(report_path, "w", encoding="utf-8") as f:
         json.dump(prepared.report, f, indent=2)
     train_ds = prepared.train.random_shuffle(seed=train.seed) if train.shuffle else prepared.train
@@ -155,8 +159,8 @@ def run_training(cfg, resume: bool = False, log: Callable[[str], None] = print) 
                                              "base_model": model.name_or_path}.items() if v})
         _mlflow_client(uri).log_artifact(run_id, report_path)
         log(f"MLflow run {run_id} at {uri}")
-    _write_run_file(run_dir, {"name": cfg.name, "config": resolved, "mlflow_run_id": run_id, "tracking_uri": uri,
-                              "dataset_fingerprint": fingerprint, "plan": plan, "status": "running"})
+    _write_run_file(local_dir, {"name": cfg.name, "config": resolved, "mlflow_run_id": run_id, "tracking_uri": uri,
+                                "dataset_fingerprint": fingerprint, "plan": plan, "status": "running"})
 
     progress = Queue(maxsize=1000, actor_options={"num_cpus": 0})
     printer = _ProgressPrinter(progress, log)
@@ -201,13 +205,22 @@ def run_training(cfg, resume: bool = False, log: Callable[[str], None] = print) 
         _finish_mlflow(uri, run_id, "FAILED")
         raise TrainingError(f"training failed: {result.error}")
 
-    found = best_and_latest(run_dir)
-    chosen = found["best"] or found["latest"]
-    adapter_dir = None
-    if chosen:
-        adapter_dir = os.path.join(run_dir, "adapter")
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        shutil.copytree(os.path.join(chosen, ADAPTER_DIR), adapter_dir)
+    adapter_dir = os.path.join(local_dir, "adapter")
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    if remote:  # Ray's own bookkeeping of the best checkpoint (by checkpoint_score), downloaded
+        best = min(result.best_checkpoints, key=lambda cm: cm[1].get("checkpoint_score", 1e30))[0] \
+            if result.best_checkpoints else result.checkpoint
+        chosen = best.path if best else None
+        if best:
+            with best.as_directory() as d:
+                shutil.copytree(os.path.join(d, ADAPTER_DIR), adapter_dir)
+    else:
+        found = best_and_latest(run_dir)
+        chosen = found["best"] or found["latest"]
+        if chosen:
+            shutil.copytree(os.path.join(chosen, ADAPTER_DIR), adapter_dir)
+    if chosen is None:
+        adapter_dir = None
     metrics = dict(result.metrics or {})
     duration = time.time() - t_start
     registered = None
@@ -225,10 +238,10 @@ def run_training(cfg, resume: bool = False, log: Callable[[str], None] = print) 
                 "duration_s": round(duration, 1), "git_commit": git_commit(os.getcwd())})
             log(f"registered {registered.name} version {registered.version}")
         _finish_mlflow(uri, run_id, "FINISHED")
-    _write_run_file(run_dir, {"name": cfg.name, "config": resolved, "mlflow_run_id": run_id, "tracking_uri": uri,
-                              "dataset_fingerprint": fingerprint, "plan": plan, "status": "finished",
-                              "adapter": adapter_dir, "checkpoint": chosen, "metrics": _jsonable(metrics)})
-    return TrainOutcome(run_dir, metrics, chosen, adapter_dir, run_id, uri, registered, plan)
+    _write_run_file(local_dir, {"name": cfg.name, "config": resolved, "mlflow_run_id": run_id, "tracking_uri": uri,
+                                "dataset_fingerprint": fingerprint, "plan": plan, "status": "finished",
+                                "adapter": adapter_dir, "checkpoint": chosen, "metrics": _jsonable(metrics)})
+    return TrainOutcome(local_dir, metrics, chosen, adapter_dir, run_id, uri, registered, plan)
 
 
 def _mlflow_client(uri):

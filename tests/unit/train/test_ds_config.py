@@ -67,3 +67,15 @@ def test_plan_from_rows_and_batch():
     assert plan_steps(t.model_copy(update={"max_steps": 5}), 103)["total_steps"] == 5
     with pytest.raises(TrainingError, match="fewer than one optimizer step"):
         plan_steps(t, 7)
+
+
+def test_early_stopping_patience_and_threshold():
+    from train.early_stopping import observe_eval
+
+    best, bad, stop = observe_eval(None, 0, 2.0, patience=2, threshold=0.1)
+    assert (best, bad, stop) == (2.0, 0, False)
+    best, bad, stop = observe_eval(best, bad, 1.95, patience=2, threshold=0.1)  # not better by more than 0.1
+    assert (best, bad, stop) == (2.0, 1, False)
+    assert observe_eval(best, bad, 1.95, patience=2, threshold=0.1) == (2.0, 2, True)
+    assert observe_eval(best, bad, 1.5, patience=2, threshold=0.1) == (1.5, 0, False)
+    assert observe_eval(2.0, 5, 3.0, patience=None, threshold=0.0) == (2.0, 6, False)

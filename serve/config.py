@@ -1,0 +1,144 @@
+"""The `serve:` section of a rayft config: what is served, how it is batched, scaled and protected.
+
+Every field is optional so a training config parses unchanged; `rayft serve FILE` fills `model` from
+`model.name_or_path` when it is unset.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AutoscalingSettings(_Section):
+    """Replica count follows load (mapped to Ray Serve's `autoscaling_config`)."""
+
+    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas kept running.")
+    max_replicas: int = Field(default=1, ge=1, description="Most replicas started under load.")
+    target_ongoing_requests: float = Field(
+        default=8.0, gt=0, description="Ongoing requests per replica the autoscaler aims for."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}; lower min or raise max")
+        return self
+
+
+class ABVersion(_Section):
+    """One version behind an A/B name."""
+
+    label: str = Field(description="Version name returned in the `x-rayft-model-version` header (e.g. `v3`).")
+    model: str = Field(description="Merged model folder or `models:/NAME/VERSION` / `models:/NAME@alias`.")
+    weight: float = Field(gt=0, description="Share of traffic (weights are normalised over the versions).")
+
+
+class ABSplit(_Section):
+    """Two or more model versions behind one model name; each request is routed by weight."""
+
+    name: str = Field(description="The model name clients send (`model: <name>`).")
+    versions: list[ABVersion] = Field(min_length=2, description="The versions and their traffic weights.")
+
+    @field_validator("versions")
+    @classmethod
+    def _unique(cls, v):
+        labels = [x.label for x in v]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"version labels must be unique, got {labels}")
+        return v
+
+
+class ServeConfig(_Section):
+    """An OpenAI-compatible endpoint on Ray Serve: a merged model, or one base plus many LoRA adapters."""
+
+    model: Optional[str] = Field(
+        default=None,
+        description="Merged model or base model: local folder, hub id, or `models:/NAME@alias` / `models:/NAME/VERSION` "
+        "in the MLflow registry. Unset: the config's `model.name_or_path`.",
+    )
+    model_name: Optional[str] = Field(
+        default=None, description="Name clients send as `model`; unset: the model folder's base name."
+    )
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapters by name (`<model_name>:<adapter>` selects one): local folder or registry URI.",
+    )
+    adapters_dir: Optional[str] = Field(
+        default=None, description="A folder whose subfolders with an adapter_config.json are adapters, named after the subfolder."
+    )
+    adapter_cache_size: int = Field(default=4, ge=1, description="Adapters kept loaded per replica (LRU).")
+    mixed_adapter_batches: bool = Field(
+        default=True,
+        description="Serve rows for different adapters in one forward pass; false: group per adapter and serve "
+        "each group in turn (a baseline for benchmarks).",
+    )
+    quantization: Literal["none", "int8"] = Field(
+        default="none", description="`int8`: dynamic int8 quantization of the linear layers (CPU, merged model only)."
+    )
+    quantization_min_agreement: float = Field(
+        default=0.8, ge=0, le=1,
+        description="Start-up check: share of probe prompts whose greedy answers must equal full precision's.",
+    )
+    host: str = Field(default="127.0.0.1", description="HTTP listen address; anything but loopback requires API keys.")
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
+    route_prefix: str = Field(default="/", description="URL prefix of the app (`/` puts the API at /v1).")
+    max_batch_size: int = Field(default=8, ge=1, description="Most requests decoded together in one batch.")
+    batch_wait_timeout_s: float = Field(
+        default=0.01, ge=0, description="How long a batch waits for more requests before it starts."
+    )
+    max_ongoing_requests: int = Field(
+        default=32, ge=1, description="Generation requests a replica accepts at once; more get 503 with Retry-After."
+    )
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After value (seconds) sent with a 503.")
+    stream_interval_s: float = Field(
+        default=0.05, ge=0,
+        description="Streaming: the first token is sent at once, later tokens at most this often, several per event "
+        "(fewer events through the proxy; 0 sends every token as its own event).",
+    )
+    num_replicas: int = Field(default=1, ge=1, description="Fixed replica count (ignored when `autoscaling` is set).")
+    autoscaling: Optional[AutoscalingSettings] = Field(default=None, description="Scale replicas with load.")
+    num_cpus_per_replica: float = Field(default=1.0, ge=0, description="CPUs reserved per replica.")
+    num_gpus_per_replica: float = Field(default=0.0, ge=0, description="GPUs reserved per replica.")
+    torch_threads: Optional[int] = Field(default=None, ge=1, description="torch intra-op threads per replica; unset: CPUs reserved.")
+    default_max_tokens: int = Field(default=64, ge=1, description="`max_tokens` when a request leaves it out.")
+    max_tokens_limit: int = Field(default=1024, ge=1, description="Largest `max_tokens` a request may ask for.")
+    api_keys_file: Optional[str] = Field(
+        default=None,
+        description="YAML/JSON list of {sha256, tenant, adapters} (keys stored hashed; `rayft serve --hash-key` "
+        "prints a hash). Also read from the RAYFT_API_KEYS_FILE environment variable (a mounted secret).",
+    )
+    require_api_keys: bool = Field(default=False, description="Refuse requests without a valid key even on loopback.")
+    ab_split: Optional[ABSplit] = Field(default=None, description="A/B split of model versions behind one name.")
+    seed: int = Field(default=0, description="Seed of the A/B router and of requests without `seed`.")
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, v):
+        import re
+
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+                raise ValueError(f"adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (no ':')")
+        return v
+
+    @model_validator(mode="after")
+    def _keys_off_loopback(self):
+        if self.host not in LOOPBACK_HOSTS and not self.api_keys_file:
+            import os
+
+            if not os.environ.get("RAYFT_API_KEYS_FILE"):
+                raise ValueError(
+                    f"host {self.host!r} is not loopback, so API keys are required: set serve.api_keys_file "
+                    f"(or RAYFT_API_KEYS_FILE), or listen on 127.0.0.1"
+                )
+        if self.quantization != "none" and (self.adapters or self.adapters_dir):
+            raise ValueError("quantization: int8 serves a merged model; remove adapters/adapters_dir or set quantization: none")
+        return self
