@@ -1,0 +1,247 @@
+"""Serving benchmark: a closed-loop load generator against rayft's OpenAI endpoint on loopback.
+
+Each client thread sends a streaming chat request, waits for `[DONE]`, and sends the next (closed loop),
+until the request budget or the time limit of the level runs out. Measured per level: requests/s, output
+tokens/s (from `usage`), p50/p99 latency and time to first token. Every comparison runs in this one process
+against the same model, on the same machine, back to back:
+
+    merged model, batched          concurrency 1, 8, 32
+    merged model, max_batch_size 1 concurrency 32      -> batched vs one-request-at-a-time
+    base + 8 adapters, mixed       concurrency 32      -> multi-LoRA (8 adapters in every batch) vs merged
+    base + 8 adapters, grouped     concurrency 32      -> mixed-adapter batches vs one adapter group at a time
+    merged model, int8 dynamic     concurrency 32      -> quantized vs full precision, and answer agreement
+
+    .venv/bin/python benchmarks/serve_load.py [--hidden-size 256] [--layers 4] [--max-tokens 32]
+                                              [--requests 96] [--time-limit-s 40] [--out results.json] [--workdir DIR]
+
+The model is rayft's tiny Llama at a configurable width (no weights can be downloaded here); adapters and the
+merged model are made in-process in seconds (serve/testing.py). Serve runs on a local Ray with 2 CPUs; the
+replica gets 1 CPU and 1 torch thread so the proxy and this client have the other.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+PROMPTS = ["hello", "What are your opening hours?", "Tell me about the refund policy.", "How do I reset my password?",
+           "Where is my order?", "Can I change my delivery address?", "Write a haiku about the sea.", "Why is the sky blue?"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_request(port: int, prefix: str, model: str, prompt: str, max_tokens: int) -> dict:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                       "temperature": 0, "stream": True, "stream_options": {"include_usage": True}})
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", f"{prefix}/v1/chat/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        text = resp.read().decode()
+        conn.close()
+        return {"ok": False, "status": resp.status, "error": text[:200]}
+    ttft, tokens, text = None, 0, ""
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data: "):
+            continue
+        data = line[6:]
+        if data == "[DONE]":
+            break
+        msg = json.loads(data)
+        if msg.get("usage"):
+            tokens = msg["usage"]["completion_tokens"]
+        for ch in msg.get("choices", []):
+            piece = ch.get("delta", {}).get("content")
+            if piece:
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                text += piece
+    conn.close()
+    end = time.perf_counter() - t0
+    return {"ok": True, "latency_s": end, "ttft_s": ttft if ttft is not None else end, "tokens": tokens, "text": text}
+
+
+def load(port: int, prefix: str, models: list[str], concurrency: int, requests: int, time_limit_s: float,
+         max_tokens: int) -> dict:
+    """Closed loop: `concurrency` clients, `requests` in all, stopped early at `time_limit_s`."""
+    lock = threading.Lock()
+    state = {"next": 0}
+    results: list[dict] = []
+    deadline = time.perf_counter() + time_limit_s
+
+    def client():
+        while True:
+            with lock:
+                i = state["next"]
+                if i >= requests or time.perf_counter() > deadline:
+                    return
+                state["next"] += 1
+            r = one_request(port, prefix, models[i % len(models)], PROMPTS[i % len(PROMPTS)], max_tokens)
+            r["i"] = i
+            with lock:
+                results.append(r)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r["ok"]]
+    lat = sorted(r["latency_s"] for r in ok)
+    ttft = sorted(r["ttft_s"] for r in ok)
+
+    def pct(xs, p):
+        return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+    return {"concurrency": concurrency, "requests": len(results), "errors": len(results) - len(ok), "wall_s": wall,
+            "req_per_s": len(ok) / wall, "out_tok_per_s": sum(r["tokens"] for r in ok) / wall,
+            "p50_latency_s": pct(lat, 50), "p99_latency_s": pct(lat, 99), "p50_ttft_s": pct(ttft, 50),
+            "p99_ttft_s": pct(ttft, 99), "mean_tokens": statistics.mean(r["tokens"] for r in ok) if ok else 0,
+            "answers": {r["i"]: r["text"] for r in ok}}
+
+
+def deploy(cfg, model_path: str, name: str):
+    from ray import serve
+
+    from serve.app import build_app
+
+    t0 = time.perf_counter()
+    serve.run(build_app(cfg, model_path), name=name, route_prefix=f"/{name}", blocking=False)
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hidden-size", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=96, help="request budget per level (concurrency 1 uses a quarter)")
+    ap.add_argument("--time-limit-s", type=float, default=40.0, help="time limit per level")
+    ap.add_argument("--out", help="write the figures as JSON here")
+    ap.add_argument("--workdir", help="where the model, adapters and merged model are built (reused when present)")
+    ap.add_argument("--stream-interval-s", type=float, default=0.05, help="serve.stream_interval_s")
+    ap.add_argument("--batch-wait-timeout-s", type=float, default=0.05, help="serve.batch_wait_timeout_s")
+    args = ap.parse_args()
+
+    from ray import serve
+
+    from cluster.ray_conn import connect
+    from serve.config import ServeConfig
+    from serve.testing import merge_toy_adapter, train_toy_adapter
+    from train.tiny_model import build_tiny_model
+
+    work = args.workdir or tempfile.mkdtemp(prefix="rayft-serve-bench-")
+    t0 = time.perf_counter()
+
+    def made(folder):  # reuse what an earlier run with the same --workdir built
+        return os.path.isfile(os.path.join(work, folder, ".done"))
+
+    def mark(folder):
+        open(os.path.join(work, folder, ".done"), "w").close()
+        return os.path.join(work, folder)
+
+    base = os.path.join(work, "base")
+    if not made("base"):
+        build_tiny_model(base, hidden_size=args.hidden_size, num_layers=args.layers)
+        mark("base")
+    adapters = {}
+    for i in range(8):
+        if not made(f"ad{i}"):
+            train_toy_adapter(base, os.path.join(work, f"ad{i}"), f"Answer number {i}: " + "ok " * 20, steps=20, seed=i)
+            mark(f"ad{i}")
+        adapters[f"ad{i}"] = os.path.join(work, f"ad{i}")
+    merged = os.path.join(work, "merged")
+    if not made("merged"):
+        merge_toy_adapter(base, adapters["ad0"], merged)
+        mark("merged")
+    print(f"setup: model (hidden {args.hidden_size}, {args.layers} layers), 8 adapters, merge in "
+          f"{time.perf_counter() - t0:.1f}s", flush=True)
+    print(connect(num_cpus=2), flush=True)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = dict(port=port, num_cpus_per_replica=1, torch_threads=1, max_ongoing_requests=64, batch_wait_timeout_s=args.batch_wait_timeout_s,
+                  max_tokens_limit=256, stream_interval_s=args.stream_interval_s)
+    R, T, M = args.requests, args.time_limit_s, args.max_tokens
+    results: dict = {"setup": {"hidden_size": args.hidden_size, "layers": args.layers, "max_tokens": M,
+                               "requests_per_level": R, "time_limit_s": T, "cpus": os.cpu_count()}}
+
+    def run(label, cfg, model_path, models, levels):
+        secs = deploy(cfg, model_path, "bench")
+        load(port, "/bench", models, 2, 4, T, M)  # warm-up: first batches, adapter loads
+        out = {}
+        for c in levels:
+            r = load(port, "/bench", models, c, max(8, R // 4) if c == 1 else R, T, M)
+            out[c] = r
+            print(f"{label:<28} c={c:<3} {r['req_per_s']:7.2f} req/s {r['out_tok_per_s']:8.1f} tok/s  "
+                  f"p50 {r['p50_latency_s']:.3f}s p99 {r['p99_latency_s']:.3f}s  ttft p50 {r['p50_ttft_s']:.3f}s "
+                  f"p99 {r['p99_ttft_s']:.3f}s  ({r['requests']} req, {r['errors']} err, {r['mean_tokens']:.1f} tok/req)",
+                  flush=True)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/bench/v1/stats", timeout=30) as resp:
+            st = json.loads(resp.read())
+        print(f"{'':<28} replica totals, all levels + warm-up: batches {st['batches']}, mean batch {st['mean_batch']:.1f}, max {st['max_batch_seen']}", flush=True)
+        out["replica_stats"] = {k: st[k] for k in ("batches", "mean_batch", "max_batch_seen")}
+        serve.delete("bench")
+        return out, secs
+
+    merged_cfg = ServeConfig(model=merged, model_name="m", max_batch_size=32, **common)
+    results["merged_batched"], _ = run("merged, batched (32)", merged_cfg, merged, ["m"], [1, 8, 32])
+    results["merged_one_at_a_time"], _ = run("merged, max_batch_size 1", merged_cfg.model_copy(update={"max_batch_size": 1}),
+                                             merged, ["m"], [32])
+    lora_models = [f"b:ad{i}" for i in range(8)]
+    lora_cfg = ServeConfig(model=base, model_name="b", adapters=adapters, adapter_cache_size=8, max_batch_size=32, **common)
+    results["lora8_mixed"], _ = run("base + 8 adapters, mixed", lora_cfg, base, lora_models, [32])
+    results["lora8_grouped"], _ = run("base + 8 adapters, grouped", lora_cfg.model_copy(update={"mixed_adapter_batches": False}),
+                                      base, lora_models, [32])
+    q_cfg = merged_cfg.model_copy(update={"quantization": "int8", "quantization_min_agreement": 0.0})
+    results["merged_int8"], _ = run("merged, int8 dynamic", q_cfg, merged, ["m"], [32])
+
+    fp, q = results["merged_batched"][32], results["merged_int8"][32]
+    same = [i for i in q["answers"] if i in fp["answers"]]
+    agree = sum(q["answers"][i] == fp["answers"][i] for i in same) / max(1, len(same))
+    ratios = {
+        "batched_vs_one_at_a_time_c32": fp["out_tok_per_s"] / results["merged_one_at_a_time"][32]["out_tok_per_s"],
+        "lora8_mixed_vs_merged_c32": results["lora8_mixed"][32]["out_tok_per_s"] / fp["out_tok_per_s"],
+        "mixed_vs_grouped_c32": results["lora8_mixed"][32]["out_tok_per_s"] / results["lora8_grouped"][32]["out_tok_per_s"],
+        "int8_vs_fp32_c32": q["out_tok_per_s"] / fp["out_tok_per_s"],
+        "int8_answer_agreement": agree,
+    }
+    results["ratios"] = ratios
+    print("\nratios (output tokens/s at concurrency 32):")
+    print(f"  batched vs one-at-a-time:         {ratios['batched_vs_one_at_a_time_c32']:.2f}x   (goal >= 4x)")
+    print(f"  multi-LoRA 8 mixed vs merged:     {ratios['lora8_mixed_vs_merged_c32']:.2f}x   (goal >= 0.70x)")
+    print(f"  mixed vs grouped per adapter:     {ratios['mixed_vs_grouped_c32']:.2f}x   (goal >= 1.5x)")
+    print(f"  int8 vs fp32 (merged):            {ratios['int8_vs_fp32_c32']:.2f}x, greedy answers agree on "
+          f"{agree:.0%} of {len(same)} requests")
+    serve.shutdown()
+    if args.out:
+        for v in results.values():
+            if isinstance(v, dict):
+                for r in v.values():
+                    if isinstance(r, dict) and "answers" in r:
+                        r.pop("answers", None)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The per-replica adapter cache: PEFT adapters loaded on demand into one base model, least recently used out.
+
+All adapters live in one `PeftModel` under their own names, so rows for different adapters share a forward
+pass (`adapter_names=[...]`). The cache only changes between batches: a batch pins the adapters it uses.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+
+class UnknownAdapter(KeyError):
+    pass
+
+
+class AdapterLoadError(RuntimeError):
+    """An adapter in the catalogue that cannot be loaded (a server-side problem: 500, naming the adapter)."""
+
+
+def peft_name(name: str) -> str:
+    """The name an adapter has inside PEFT: ours may contain '.' (not allowed in module keys) or be a
+    substring of 'lora_' (which PEFT mistakes for its own prefix), so a stable hash is used instead."""
+    import hashlib
+
+    return "rayft_" + hashlib.sha1(name.encode()).hexdigest()[:12]
+
+
+def find_adapters(adapters: dict[str, str], adapters_dir: Optional[str]) -> dict[str, str]:
+    """The adapter catalogue: configured names plus every subfolder of adapters_dir with an adapter_config.json."""
+    found: dict[str, str] = {}
+    if adapters_dir:
+        if not os.path.isdir(adapters_dir):
+            raise FileNotFoundError(f"serve.adapters_dir: {adapters_dir!r} is not a folder; create it or unset it")
+        for entry in sorted(os.listdir(adapters_dir)):
+            path = os.path.join(adapters_dir, entry)
+            if os.path.isfile(os.path.join(path, "adapter_config.json")):
+                found[entry] = path
+    found.update(adapters)
+    return found
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    loads: int = 0
+    load_time_s_total: float = 0.0
+    last_load_s: float = 0.0
+    events: list = field(default_factory=list)  # recent ("load"|"evict", name), for tests and debugging
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("hits", "misses", "evictions", "loads", "load_time_s_total", "last_load_s")}
+        d["events"] = list(self.events[-50:])
+        return d
+
+
+class AdapterCache:
+    def __init__(self, base_model, catalogue: dict[str, str], capacity: int,
+                 resolve: Callable[[str], str] = lambda p: p, on_event: Optional[Callable[[str, str, float], None]] = None):
+        self.base = base_model
+        self.catalogue = dict(catalogue)
+        self.capacity = capacity
+        self.resolve = resolve
+        self.on_event = on_event or (lambda kind, name, seconds: None)
+        self.peft = None  # the PeftModel, made when the first adapter is loaded
+        self.loaded: "OrderedDict[str, None]" = OrderedDict()
+        self.stats = CacheStats()
+
+    @property
+    def model(self):
+        return self.peft if self.peft is not None else self.base
+
+    def check(self, name: str) -> None:
+        if name not in self.catalogue:
+            raise UnknownAdapter(name)
+
+    def ensure(self, names: list[str]) -> None:
+        """Make every adapter in `names` loaded (at most `capacity` distinct names)."""
+        wanted = list(dict.fromkeys(names))
+        if len(wanted) > self.capacity:
+            raise ValueError(f"{len(wanted)} adapters in one batch > adapter_cache_size {self.capacity}")
+        for name in wanted:
+            if name in self.loaded:
+                self.loaded.move_to_end(name)
+                self.stats.hits += 1
+                self.on_event("hit", name, 0.0)
+                continue
+            self.check(name)
+            self.stats.misses += 1
+            self.on_event("miss", name, 0.0)
+            self._load(name)
+            # Load first, then evict: PEFT must never be left with no adapter at all.
+            while len(self.loaded) > self.capacity:
+                victim = next(n for n in self.loaded if n not in wanted)
+                self._evict(victim)
+
+    def _load(self, name: str) -> None:
+        from peft import PeftModel
+
+        t0 = time.perf_counter()
+        try:
+            path = self.resolve(self.catalogue[name])
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.base, path, adapter_name=peft_name(name),
+                                                      is_trainable=False).eval()
+            else:
+                self.peft.load_adapter(path, adapter_name=peft_name(name), is_trainable=False)
+        except Exception as e:  # noqa: BLE001 - any loader error becomes one that names the adapter
+            raise AdapterLoadError(
+                f"adapter {name!r} ({self.catalogue[name]}) could not be loaded: {type(e).__name__}: {e}. Check that "
+                f"it is a PEFT LoRA adapter trained on this base model") from e
+        dt = time.perf_counter() - t0
+        self.loaded[name] = None
+        self.stats.loads += 1
+        self.stats.load_time_s_total += dt
+        self.stats.last_load_s = dt
+        self.stats.events.append(("load", name))
+        self.on_event("load", name, dt)
+
+    def _evict(self, name: str) -> None:
+        self.peft.delete_adapter(peft_name(name))
+        del self.loaded[name]
+        self.stats.evictions += 1
+        self.stats.events.append(("evict", name))
+        self.on_event("evict", name, 0.0)

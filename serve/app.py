@@ -1,0 +1,460 @@
+"""The OpenAI-compatible Ray Serve application.
+
+    GET  /health                 liveness (no key needed)
+    GET  /v1/models              the model, its adapters (with their parent) and A/B names
+    POST /v1/completions         prompt -> text            (`stream: true`: server-sent events)
+    POST /v1/chat/completions    messages -> reply, rendered with the tokenizer's chat template
+    GET  /v1/stats               this replica's counters: adapter cache, in-flight requests, quantization check
+
+Requests that reach a replica are batched by `@serve.batch`: one batch is decoded together, rows for
+different adapters in the same forward pass. Each request gets an asyncio queue; the batch pushes every new
+piece of text into it, so streaming and plain answers share one code path. A batch that raises answers its
+own requests with a 500 and the replica carries on.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from .config import ServeConfig
+from .schemas import APIError, ChatRequest, CompletionRequest, parse_request
+
+log = logging.getLogger("rayft.serve")
+VERSION_HEADER = "x-rayft-model-version"
+DEFAULT_VERSION = "default"
+
+api = FastAPI(title="rayft", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(APIError)
+async def _api_error(_request, exc: APIError):
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(Exception)
+async def _server_error(_request, exc: Exception):
+    # A bug answers this request with a 500 in OpenAI's shape; the replica keeps serving.
+    log.exception("request failed")
+    return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}").body(), status_code=500)
+
+
+@dataclass
+class _Job:
+    version: str
+    req: Any  # engine.GenRequest
+    queue: asyncio.Queue
+    created: float = field(default_factory=time.perf_counter)
+    started: bool = False
+
+
+_END = object()
+
+
+def served_name(cfg: ServeConfig, model_path: str) -> str:
+    return cfg.model_name or os.path.basename(os.path.normpath(model_path)) or "model"
+
+
+class _Metrics:
+    """rayft's serving metrics (exported with Ray Serve's own on the metrics port)."""
+
+    def __init__(self):
+        from ray.util.metrics import Counter, Histogram
+
+        self.batches = 0
+        self.max_batch = 0
+        self.rows = 0
+        self._tokens = Counter("rayft_serve_tokens_generated", "Completion tokens generated.", tag_keys=("version", "adapter"))
+        self._ttft = Histogram("rayft_serve_time_to_first_token_s", "Time from request to its first token.",
+                               boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], tag_keys=("version",))
+        self._batch = Histogram("rayft_serve_batch_size", "Requests per decoded batch.",
+                                boundaries=[1, 2, 4, 8, 16, 32, 64])
+        self._cache = Counter("rayft_serve_adapter_cache_events", "Adapter cache hits, misses, loads, evictions.",
+                              tag_keys=("event",))
+        self._load = Histogram("rayft_serve_adapter_load_s", "Time to load an adapter.",
+                               boundaries=[0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30])
+
+    def tokens(self, n: int, version: str, adapter: Optional[str]) -> None:
+        if n:
+            self._tokens.inc(n, tags={"version": version, "adapter": adapter or "-"})
+
+    def ttft(self, seconds: float, version: str) -> None:
+        self._ttft.observe(seconds, tags={"version": version})
+
+    def batch(self, size: int) -> None:
+        self.batches += 1
+        self.rows += size
+        self.max_batch = max(self.max_batch, size)
+        self._batch.observe(size)
+
+    def cache_event(self, kind: str, name: str, seconds: float) -> None:
+        self._cache.inc(1, tags={"event": kind})
+        if kind == "load":
+            self._load.observe(seconds)
+
+
+@serve.deployment(name="rayft-openai")
+@serve.ingress(api)
+class OpenAIServer:
+    def __init__(self, serve_cfg: dict, model_path: str, tracking_uri: Optional[str] = None):
+        from .adapters import find_adapters
+        from .auth import KeyStore
+        from .engine import Engine, set_threads
+        from .sources import resolve
+
+        cfg = ServeConfig.model_validate(serve_cfg)
+        self.cfg = cfg
+        set_threads(cfg.torch_threads or max(1, int(cfg.num_cpus_per_replica)))
+        self._resolve = lambda uri: resolve(uri, tracking_uri)
+        self.name = served_name(cfg, model_path)
+        self.metrics = _Metrics()
+        common = dict(mixed_adapter_batches=cfg.mixed_adapter_batches, quantization=cfg.quantization,
+                      min_agreement=cfg.quantization_min_agreement, resolve=self._resolve, seed=cfg.seed,
+                      log=lambda m: print(f"[rayft serve] {m}", flush=True))
+        self.engines = {DEFAULT_VERSION: Engine(
+            self._resolve(model_path), adapters=cfg.adapters, adapters_dir=cfg.adapters_dir,
+            adapter_cache_size=cfg.adapter_cache_size, on_cache_event=self.metrics.cache_event, **common)}
+        self.ab = cfg.ab_split
+        if self.ab:
+            for v in self.ab.versions:
+                self.engines[v.label] = Engine(self._resolve(v.model), **common)
+        self.catalogue = find_adapters(cfg.adapters, cfg.adapters_dir)
+        self.rng = random.Random(cfg.seed)
+        keys_file = cfg.api_keys_file or os.environ.get("RAYFT_API_KEYS_FILE")
+        self.keys = KeyStore.from_file(keys_file) if keys_file else None
+        if cfg.require_api_keys and self.keys is None:
+            raise ValueError("serve.require_api_keys is true but no keys file is set (serve.api_keys_file)")
+        self.inflight = 0
+        self.generate_batch.set_max_batch_size(cfg.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    # -- the batch ----------------------------------------------------------------------------------------
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def generate_batch(self, jobs: list[_Job]) -> list[None]:
+        """Decode a batch; versions (A/B) are separate models and take turns step by step. Every request of
+        the batch gets its end marker whatever happens, so no caller waits forever."""
+        try:
+            await self._decode_batch(jobs)
+        except Exception as e:  # noqa: BLE001 - answer these requests, keep the replica
+            log.exception("batch failed")
+            for j in jobs:
+                j.queue.put_nowait(e)
+        finally:
+            for j in jobs:
+                j.queue.put_nowait(_END)
+        return [None] * len(jobs)
+
+    async def _decode_batch(self, jobs: list[_Job]) -> None:
+        self.metrics.batch(len(jobs))
+        plans = []
+        for version in dict.fromkeys(j.version for j in jobs):
+            idx = [i for i, j in enumerate(jobs) if j.version == version]
+            plans.append((idx, self.engines[version].generate([jobs[i].req for i in idx])))
+        while plans:
+            for plan in list(plans):
+                idx, it = plan
+                try:
+                    outs = await asyncio.to_thread(next, it, None)
+                except Exception as e:  # noqa: BLE001 - answer these requests, keep the replica
+                    log.exception("generation failed")
+                    for i in idx:
+                        jobs[i].queue.put_nowait(e)
+                    plans.remove(plan)
+                    continue
+                if outs is None:
+                    plans.remove(plan)
+                    continue
+                now = time.perf_counter()
+                for i, o in zip(idx, outs):
+                    if o is not None:
+                        if not jobs[i].started:
+                            jobs[i].started = True
+                            self.metrics.ttft(now - jobs[i].created, jobs[i].version)
+                        jobs[i].queue.put_nowait(o)
+
+    # -- routes -------------------------------------------------------------------------------------------
+    @api.get("/health")
+    async def health(self):
+        return {"status": "ok", "model": self.name}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        who = self._auth(request)
+        created = int(time.time())
+        data = [{"id": self.name, "object": "model", "created": created, "owned_by": "rayft", "parent": None}]
+        for name in sorted(self.catalogue):
+            if who is None or who.may_use(name):
+                data.append({"id": f"{self.name}:{name}", "object": "model", "created": created,
+                             "owned_by": "rayft", "parent": self.name})
+        if self.ab:
+            data.append({"id": self.ab.name, "object": "model", "created": created, "owned_by": "rayft",
+                         "parent": None, "versions": {v.label: v.weight for v in self.ab.versions}})
+        return {"object": "list", "data": data}
+
+    @api.get("/v1/stats")
+    async def stats(self, request: Request):
+        self._auth(request)
+        eng = self.engines[DEFAULT_VERSION]
+        return {"model": self.name, "inflight": self.inflight,
+                "adapter_cache": eng.cache.stats.as_dict() if eng.cache else None,
+                "adapters_loaded": list(eng.cache.loaded) if eng.cache else [],
+                "quantization_agreement": {k: e.agreement for k, e in self.engines.items()},
+                "batches": self.metrics.batches, "max_batch_seen": self.metrics.max_batch,
+                "mean_batch": self.metrics.rows / max(1, self.metrics.batches)}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._serve(request, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._serve(request, chat=True)
+
+    # -- one request --------------------------------------------------------------------------------------
+    async def _serve(self, request: Request, chat: bool):
+        who = self._auth(request)
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            raise APIError(400, "the request body is not valid JSON; send a JSON object with model and "
+                           + ("messages" if chat else "prompt")) from None
+        req = parse_request(ChatRequest if chat else CompletionRequest, body)
+        version, adapter = self._route(req.model)
+        if who is not None and not who.may_use(adapter):
+            what = f"adapter {adapter!r}" if adapter else f"model {self.name!r} without an adapter"
+            raise APIError(403, f"this API key (tenant {who.tenant!r}) may not use {what}; ask for access or use "
+                           f"one of its adapters", param="model", code="adapter_not_allowed")
+        gen = self._gen_request(req, chat, version, adapter)
+        if self.inflight >= self.cfg.max_ongoing_requests:
+            raise APIError(503, f"the replica is at serve.max_ongoing_requests={self.cfg.max_ongoing_requests}; "
+                           f"retry after {self.cfg.retry_after_s} s", code="overloaded",
+                           headers={"Retry-After": str(self.cfg.retry_after_s)})
+        self.inflight += 1
+        job = _Job(version, gen, asyncio.Queue())
+        task = asyncio.ensure_future(self.generate_batch(job))
+        task.add_done_callback(self._finished)  # counts down even if the client goes away
+        headers = {VERSION_HEADER: version}
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        if req.stream:
+            return StreamingResponse(self._sse(job, task, rid, req.model, chat, include_usage), headers=headers,
+                                     media_type="text/event-stream")
+        try:
+            text, n, finish = await self._collect(job)
+        finally:
+            gen.cancel.set()  # a no-op when done; stops the row when the client went away mid-answer
+        usage = {"prompt_tokens": len(gen.prompt_ids), "completion_tokens": n, "total_tokens": len(gen.prompt_ids) + n}
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                   "logprobs": None} if chat else
+                  {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                             "created": int(time.time()), "model": req.model, "choices": [choice], "usage": usage},
+                            headers=headers)
+
+    async def _collect(self, job: _Job):
+        text, n, finish = "", 0, None
+        while True:
+            item = await job.queue.get()
+            if item is _END:
+                break
+            if isinstance(item, Exception):
+                raise APIError(500, f"generation failed: {type(item).__name__}: {item}", code="generation_failed")
+            text += item.text
+            n = item.completion_tokens
+            if item.finish_reason:
+                finish = item.finish_reason
+        self.metrics.tokens(n, job.version, job.req.adapter)
+        return text, n, finish or "stop"
+
+    async def _sse(self, job: _Job, task, rid: str, model: str, chat: bool, include_usage: bool):
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: Optional[str], finish: Optional[str], role: bool = False) -> str:
+            if chat:
+                delta: dict = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model,
+                                          "choices": [choice]}) + "\n\n"
+
+        n = 0
+        try:
+            if chat:
+                yield chunk(None, None, role=True)
+            pending = None
+            while True:
+                item, pending = (pending, None) if pending is not None else (await job.queue.get(), None)
+                # A slow reader gets the tokens made meanwhile in one chunk rather than one event each.
+                while not job.queue.empty() and not isinstance(item, Exception) and item is not _END \
+                        and not item.finish_reason:
+                    nxt = job.queue.get_nowait()
+                    if nxt is _END or isinstance(nxt, Exception):
+                        pending = nxt  # handled on the next turn, after this text is sent
+                        break
+                    item = type(item)(item.text + nxt.text, nxt.completion_tokens, nxt.finish_reason)
+                if item is _END:
+                    break
+                if isinstance(item, Exception):
+                    err = APIError(500, f"generation failed: {type(item).__name__}: {item}", code="generation_failed")
+                    yield "data: " + json.dumps(err.body()) + "\n\n"
+                    break
+                n = item.completion_tokens
+                if item.finish_reason:
+                    if item.text:
+                        yield chunk(item.text, None)
+                    yield chunk(None if chat else "", item.finish_reason)
+                elif item.text:
+                    yield chunk(item.text, None)
+                    if self.cfg.stream_interval_s:
+                        await asyncio.sleep(self.cfg.stream_interval_s)  # let tokens gather into the next event
+            if include_usage:
+                p = len(job.req.prompt_ids)
+                yield "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model,
+                                             "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": n,
+                                                                      "total_tokens": p + n}}) + "\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            job.req.cancel.set()  # the client may have gone: its row leaves the batch at the next step
+            self.metrics.tokens(n, job.version, job.req.adapter)
+
+    def _finished(self, task) -> None:
+        self.inflight -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.error("batch failed: %s", task.exception())
+
+    # -- checks -------------------------------------------------------------------------------------------
+    def _auth(self, request: Request):
+        if self.keys is None:
+            return None
+        return self.keys.authenticate(request.headers.get("authorization"))
+
+    def _route(self, model: str) -> tuple[str, Optional[str]]:
+        """`model` -> (version, adapter). Unknown names are 404s; never a fallback to the base."""
+        if self.ab and model == self.ab.name:
+            versions = self.ab.versions
+            pick = self.rng.choices([v.label for v in versions], weights=[v.weight for v in versions])[0]
+            return pick, None
+        if model == self.name:
+            return DEFAULT_VERSION, None
+        base, sep, adapter = model.partition(":")
+        if sep and base == self.name:
+            if adapter in self.catalogue:
+                return DEFAULT_VERSION, adapter
+            known = ", ".join(sorted(self.catalogue)) or "none"
+            raise APIError(404, f"model {model!r}: adapter {adapter!r} is not served by this endpoint (known adapters: "
+                           f"{known}); GET /v1/models lists them", param="model", code="model_not_found")
+        served = [self.name] + ([self.ab.name] if self.ab else [])
+        raise APIError(404, f"model {model!r} is not served here (served: {', '.join(served)}, or "
+                       f"'{self.name}:<adapter>'); GET /v1/models lists them", param="model", code="model_not_found")
+
+    def _gen_request(self, req, chat: bool, version: str, adapter: Optional[str]):
+        from data.chat import render_prompt
+
+        from .engine import GenRequest
+
+        engine = self.engines[version]
+        tok = engine.tokenizer
+        if chat:
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+            try:
+                text = render_prompt(messages, tok)
+            except Exception as e:  # noqa: BLE001 - a template that cannot render these messages
+                raise APIError(400, f"messages: the chat template cannot render them ({e})", param="messages") from None
+            field_name = "messages"
+        else:
+            text, field_name = req.prompt, "prompt"
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            if tok.bos_token_id is None:
+                raise APIError(400, f"{field_name}: empty; send at least one token of text", param=field_name)
+            ids = [tok.bos_token_id]
+        limit = self.cfg.max_tokens_limit
+        max_tokens = req.max_completion_tokens if chat and req.max_completion_tokens is not None else req.max_tokens
+        name = "max_completion_tokens" if chat and req.max_completion_tokens is not None else "max_tokens"
+        if max_tokens is None:
+            max_tokens = self.cfg.default_max_tokens
+        elif not 1 <= max_tokens <= limit:
+            raise APIError(400, f"{name}: {max_tokens} is out of range; use 1 to {limit} (serve.max_tokens_limit)",
+                           param=name, code="invalid_value")
+        ctx = engine.context_length
+        if len(ids) >= ctx:
+            raise APIError(400, f"{field_name}: {len(ids)} tokens does not fit the model's context of {ctx} tokens; "
+                           f"shorten it", param=field_name, code="context_length_exceeded")
+        if len(ids) + max_tokens > ctx:
+            max_tokens = min(max_tokens, ctx - len(ids)) if req.max_tokens is None and name == "max_tokens" else max_tokens
+            if len(ids) + max_tokens > ctx:
+                raise APIError(400, f"{name}: {max_tokens} plus the {len(ids)}-token {field_name} exceeds the context "
+                               f"of {ctx} tokens; ask for at most {ctx - len(ids)}", param=name,
+                               code="context_length_exceeded")
+        return GenRequest(ids, max_tokens, req.temperature, req.top_p, list(req.stop or []), req.seed, adapter,
+                          cancel=threading.Event())
+
+
+def build_app(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = None):
+    """The Serve application for this config (deployment options: replicas, autoscaling, resources)."""
+    opts: dict[str, Any] = dict(
+        # Serve lets a few more through than we accept so the replica itself answers 503 + Retry-After.
+        max_ongoing_requests=cfg.max_ongoing_requests + 8,
+        max_queued_requests=cfg.max_ongoing_requests * 4,
+        ray_actor_options={"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica},
+    )
+    if cfg.autoscaling:
+        a = cfg.autoscaling
+        opts["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                                      "target_ongoing_requests": a.target_ongoing_requests}
+    else:
+        opts["num_replicas"] = cfg.num_replicas
+    return OpenAIServer.options(**opts).bind(cfg.model_dump(), model_path, tracking_uri)
+
+
+def start(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = None, app_name: str = "rayft",
+          blocking: bool = False):
+    """Start Serve's HTTP proxy on cfg.host:cfg.port (once per Ray) and deploy the app; returns its handle."""
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    return serve.run(build_app(cfg, model_path, tracking_uri), name=app_name, route_prefix=cfg.route_prefix,
+                     blocking=blocking)
+
+
+def run_server(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = None, smoke_test: bool = False,
+               log=print) -> int:
+    """Deploy and serve until interrupted; with smoke_test, answer one /health and one completion, then stop."""
+    import urllib.request
+
+    start(cfg, model_path, tracking_uri)
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    base = f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+    name = served_name(cfg, model_path)
+    log(f"serving {name!r} ({model_path}) at {base}/v1 (OpenAI-compatible; GET {base}/health)")
+    keys = cfg.api_keys_file or os.environ.get("RAYFT_API_KEYS_FILE")
+    log(f"API keys: {'required (' + keys + ')' if keys else 'off (loopback only)'}")
+    try:
+        if smoke_test:
+            with urllib.request.urlopen(f"{base}/health", timeout=30) as r:
+                log(f"GET /health -> {r.status} {r.read().decode()}")
+            if not keys:
+                body = json.dumps({"model": name, "prompt": "hello", "max_tokens": 8, "temperature": 0}).encode()
+                req = urllib.request.Request(f"{base}/v1/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    out = json.loads(r.read())
+                log(f"POST /v1/completions -> {r.status} {out['choices'][0]['text']!r} usage {out['usage']}")
+            return 0
+        while True:  # the proxy and replicas run in Ray; this process only keeps them alive
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log("stopping")
+        return 0
+    finally:
+        serve.shutdown()

@@ -1,0 +1,80 @@
+"""API keys: stored as sha256 hashes, each bound to a tenant and the adapters it may use.
+
+Keys file (YAML or JSON), for example written from a secret:
+
+    - sha256: 9f86d0...   # `rayft serve --hash-key KEY` prints this; the key itself is never stored
+      tenant: acme
+      adapters: [support, sales]   # or "*" for every adapter
+      base: true                   # may call the model without an adapter (default true)
+
+A key is only ever hashed and compared; it is not logged, echoed in errors, or kept in memory beyond the request.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from .schemas import APIError
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    tenant: str
+    adapters: Union[str, frozenset]  # "*" or a set of names
+    base: bool = True
+
+    def may_use(self, adapter: Optional[str]) -> bool:
+        if adapter is None:
+            return self.base
+        return self.adapters == "*" or adapter in self.adapters
+
+
+class KeyStore:
+    def __init__(self, entries: dict[str, Principal]):
+        self.entries = entries
+
+    @classmethod
+    def from_file(cls, path: str) -> "KeyStore":
+        import yaml
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"serve.api_keys_file: {path!r} does not exist; write the hashed keys there")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        raw = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+        if isinstance(raw, dict) and "keys" in raw:
+            raw = raw["keys"]
+        if not isinstance(raw, list):
+            raise ValueError(f"{path}: expected a list of {{sha256, tenant, adapters}} entries")
+        entries: dict[str, Principal] = {}
+        for i, e in enumerate(raw):
+            if not isinstance(e, dict) or not isinstance(e.get("sha256"), str) or len(e["sha256"]) != 64:
+                raise ValueError(f"{path}: entry {i} needs `sha256` (64 hex characters; rayft serve --hash-key KEY)")
+            if not e.get("tenant"):
+                raise ValueError(f"{path}: entry {i} needs `tenant`")
+            ad = e.get("adapters", [])
+            adapters = "*" if ad == "*" else frozenset(ad)
+            entries[e["sha256"].lower()] = Principal(str(e["tenant"]), adapters, bool(e.get("base", True)))
+        return cls(entries)
+
+    def authenticate(self, authorization: Optional[str]) -> Principal:
+        if not authorization:
+            raise APIError(401, "missing API key: send the header `Authorization: Bearer <key>`",
+                           code="missing_api_key")
+        scheme, _, key = authorization.partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            raise APIError(401, "the Authorization header must be `Bearer <key>`", code="invalid_api_key")
+        digest = hash_key(key)
+        for known, principal in self.entries.items():  # constant-time compare per entry
+            if hmac.compare_digest(known, digest):
+                return principal
+        raise APIError(401, "invalid API key (the key was not recognised; it is not shown here)", code="invalid_api_key")

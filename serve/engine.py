@@ -1,0 +1,305 @@
+"""The generation engine: one model (merged, or a base with an adapter cache) and a batched decode loop.
+
+The loop is ours rather than `model.generate` because each row of a batch carries its own sampling
+settings (temperature, top_p, seed, stop strings, max_tokens) and its own adapter, and because a server
+wants every new token as it is made (streaming, time to first token). Rows are left-padded; positions
+come from the attention mask so a padded row computes exactly what it would alone. Finished rows leave
+the batch (their KV cache rows are dropped) so long answers do not make short ones pay.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+from .adapters import AdapterCache, find_adapters, peft_name
+from .config import BASE_ADAPTER
+
+PROBE_PROMPTS = [
+    "How do I reset my password?",
+    "<|im_start|>user\nWhat are your opening hours?<|im_end|>\n<|im_start|>assistant\n",
+    "The quick brown fox jumps over the lazy dog.",
+    "<|im_start|>user\nCan I change my delivery address?<|im_end|>\n<|im_start|>assistant\n",
+    "Summarise the refund policy in one sentence.",
+    "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n",
+    "Write a haiku about the sea.",
+    "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhy is the sky blue?<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: Optional[int] = None
+    adapter: Optional[str] = None  # None: the model itself (merged model or bare base)
+    cancel: Optional[threading.Event] = None  # set when the client went away: the row leaves the batch
+
+
+@dataclass
+class StepOutput:
+    text: str  # text produced since the previous step ('' while a possible stop string is held back)
+    completion_tokens: int
+    finish_reason: Optional[str] = None  # "stop" | "length" once the row is done
+
+
+class _Row:
+    """Decoding state of one request: its tokens, what text was sent, and when it ends."""
+
+    def __init__(self, req: GenRequest, tokenizer, eos_ids: set[int], default_seed: int):
+        import torch
+
+        self.req = req
+        self.tok = tokenizer
+        self.eos_ids = eos_ids
+        self.ids: list[int] = []
+        self.sent = 0
+        self.done = False
+        self.gen = torch.Generator().manual_seed(req.seed if req.seed is not None else
+                                                 (default_seed * 1_000_003 + time.perf_counter_ns()) % (2**63))
+
+    def add(self, token: int) -> StepOutput:
+        if token in self.eos_ids:
+            self.done = True
+            text = self.tok.decode(self.ids, skip_special_tokens=True)
+            return StepOutput(text[self.sent:], len(self.ids) + 1, "stop")
+        self.ids.append(token)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        for s in self.req.stop:
+            k = text.find(s, max(0, self.sent - len(s)))
+            if k >= 0:
+                self.done = True
+                return StepOutput(text[self.sent:k], len(self.ids), "stop")
+        if len(self.ids) >= self.req.max_tokens:
+            self.done = True
+            return StepOutput(text[self.sent:], len(self.ids), "length")
+        safe = len(text) - 1 if text.endswith("\ufffd") else len(text)  # an unfinished UTF-8 sequence
+        for s in self.req.stop:  # hold back a tail that may grow into a stop string
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    safe = min(safe, len(text) - n)
+                    break
+        safe = max(safe, self.sent)
+        out = StepOutput(text[self.sent:safe], len(self.ids))
+        self.sent = safe
+        return out
+
+
+def sample_next(logits, rows: list[_Row]):
+    """One token per row: greedy at temperature 0, otherwise temperature + nucleus sampling with the row's seed."""
+    import torch
+
+    out = torch.empty(len(rows), dtype=torch.long)
+    for i, row in enumerate(rows):
+        r = row.req
+        if r.temperature == 0:
+            out[i] = int(torch.argmax(logits[i]))
+            continue
+        probs = torch.softmax(logits[i] / r.temperature, dim=-1)
+        if r.top_p < 1.0:
+            sp, si = torch.sort(probs, descending=True)
+            keep = (torch.cumsum(sp, 0) - sp) < r.top_p  # the smallest prefix whose mass reaches top_p
+            sp = sp * keep
+            out[i] = si[torch.multinomial(sp / sp.sum(), 1, generator=row.gen)]
+        else:
+            out[i] = torch.multinomial(probs, 1, generator=row.gen)[0]
+    return out
+
+
+def load_model(path: str, quantization: str = "none", log: Callable[[str], None] = print):
+    """A causal LM in fp32 on CPU (safetensors only, no remote code), optionally int8-quantized."""
+    from train.config import ModelConfig
+    from train.model import load_base_model
+
+    model = load_base_model(ModelConfig(name_or_path=path), "float32").eval()
+    if quantization == "int8":
+        model = quantize_int8(model)
+    return model
+
+
+def quantize_int8(model):
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=False).eval()
+
+
+class Engine:
+    """Generates for a batch of requests; one per served model version inside a replica."""
+
+    def __init__(self, model_path: str, adapters: Optional[dict[str, str]] = None, adapters_dir: Optional[str] = None,
+                 adapter_cache_size: int = 4, mixed_adapter_batches: bool = True, quantization: str = "none",
+                 min_agreement: float = 0.8, resolve: Callable[[str], str] = lambda p: p,
+                 log: Callable[[str], None] = print, on_cache_event=None, seed: int = 0):
+        import torch
+        from transformers import AutoTokenizer
+
+        self.model_path = model_path
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.seed = seed
+        self.mixed = mixed_adapter_batches
+        base = load_model(model_path, "none")
+        self.agreement: Optional[float] = None
+        if quantization == "int8":
+            q = quantize_int8(base)
+            self.agreement = greedy_agreement(base, q, self.tokenizer)
+            log(f"int8 dynamic quantization: greedy answers agree with full precision on "
+                f"{self.agreement:.0%} of {len(PROBE_PROMPTS)} probe prompts (required {min_agreement:.0%})")
+            if self.agreement < min_agreement:
+                raise RuntimeError(
+                    f"serve.quantization: int8 answers agree with full precision on only {self.agreement:.0%} of the "
+                    f"probe prompts (< serve.quantization_min_agreement {min_agreement:.0%}); serve with "
+                    f"quantization: none or lower the threshold")
+            base = q
+        self.model = base
+        gc = getattr(base, "generation_config", None)
+        eos = getattr(gc, "eos_token_id", None) if gc is not None else None
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            eos_ids.add(self.tokenizer.eos_token_id)
+        self.eos_ids = eos_ids
+        self.context_length = int(getattr(base.config, "max_position_embeddings", 2048))
+        catalogue = find_adapters(adapters or {}, adapters_dir)
+        self.cache = AdapterCache(base, catalogue, adapter_cache_size, resolve=resolve, on_event=on_cache_event) \
+            if catalogue else None
+
+    # -- batching ------------------------------------------------------------------------------------------
+    def plan(self, reqs: list[GenRequest]) -> list[list[int]]:
+        """Split a batch into groups decoded together: all rows at once when the adapters fit the cache
+        (mixed batch), else chunks of at most `capacity` adapters; one group per adapter when mixing is off."""
+        if self.cache is None:
+            return [list(range(len(reqs)))]
+        if not self.mixed:
+            groups: dict = {}
+            for i, r in enumerate(reqs):
+                groups.setdefault(r.adapter, []).append(i)
+            return list(groups.values())
+        chunks: list[list[int]] = []
+        current: list[int] = []
+        names: set = set()
+        for i, r in enumerate(reqs):
+            if r.adapter is not None and r.adapter not in names and len(names) == self.cache.capacity:
+                chunks.append(current)
+                current, names = [], set()
+            current.append(i)
+            if r.adapter is not None:
+                names.add(r.adapter)
+        if current:
+            chunks.append(current)
+        return chunks
+
+    def generate(self, reqs: list[GenRequest]) -> Iterator[list[Optional[StepOutput]]]:
+        """Yields, per decode step, one entry per request: its new output, or None when it has nothing new."""
+        for group in self.plan(reqs):
+            for outs in self._decode([reqs[i] for i in group]):
+                full: list[Optional[StepOutput]] = [None] * len(reqs)
+                for j, o in zip(group, outs):
+                    full[j] = o
+                yield full
+
+    def _decode(self, reqs: list[GenRequest]) -> Iterator[list[Optional[StepOutput]]]:
+        import torch
+        from transformers import DynamicCache
+
+        model = self.model
+        extra = {}
+        if self.cache is not None:
+            used = [r.adapter for r in reqs if r.adapter is not None]
+            if used:
+                self.cache.ensure(used)
+            model = self.cache.model
+            if self.cache.peft is not None:
+                # The LoRA layers are injected into the base in place, so base rows name "__base__" too.
+                extra["adapter_names"] = [peft_name(r.adapter) if r.adapter else BASE_ADAPTER for r in reqs]
+        rows = [_Row(r, self.tokenizer, self.eos_ids, self.seed) for r in reqs]
+        B = len(reqs)
+        L = max(len(r.prompt_ids) for r in reqs)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((B, L), pad, dtype=torch.long)
+        attn = torch.zeros((B, L), dtype=torch.long)
+        for i, r in enumerate(reqs):
+            n = len(r.prompt_ids)
+            input_ids[i, L - n:] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            attn[i, L - n:] = 1
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        with torch.no_grad():  # per call: a generator must not leave grad mode changed between its steps
+            out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                        use_cache=True, **extra)
+        logits = out.logits[:, -1, :].float()
+        next_pos = pos[:, -1] + 1
+        active = list(range(B))
+        for _ in range(max(r.max_tokens for r in reqs) + 1):
+            toks = sample_next(logits, [rows[i] for i in active])
+            outs: list[Optional[StepOutput]] = [None] * B
+            for j, i in enumerate(active):
+                outs[i] = rows[i].add(int(toks[j]))
+            yield outs
+            for i in active:
+                if rows[i].req.cancel is not None and rows[i].req.cancel.is_set():
+                    rows[i].done = True
+            keep = [j for j, i in enumerate(active) if not rows[active[j]].done]
+            if not keep:
+                return
+            if len(keep) < len(active):
+                idx = torch.tensor(keep, dtype=torch.long)
+                with torch.no_grad():
+                    cache.batch_select_indices(idx)
+                attn, next_pos, toks = attn[idx], next_pos[idx], toks[idx]
+                active = [active[j] for j in keep]
+                if "adapter_names" in extra:
+                    extra["adapter_names"] = [extra["adapter_names"][j] for j in keep]
+            attn = torch.cat([attn, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
+            with torch.no_grad():
+                out = model(input_ids=toks[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+                            past_key_values=cache, use_cache=True, **extra)
+            logits = out.logits[:, -1, :].float()
+            next_pos = next_pos + 1
+
+    def generate_text(self, reqs: list[GenRequest]) -> list[tuple[str, int, str]]:
+        """Run to the end: (text, completion tokens, finish reason) per request."""
+        texts = [""] * len(reqs)
+        final: list = [None] * len(reqs)
+        for outs in self.generate(reqs):
+            for i, o in enumerate(outs):
+                if o is not None:
+                    texts[i] += o.text
+                    if o.finish_reason:
+                        final[i] = (o.completion_tokens, o.finish_reason)
+        return [(t, f[0], f[1]) for t, f in zip(texts, final)]
+
+
+def greedy_agreement(reference, candidate, tokenizer, max_tokens: int = 16) -> float:
+    """Share of PROBE_PROMPTS whose greedy continuations (max_tokens) are identical under both models."""
+    import torch
+
+    same = 0
+    for text in PROBE_PROMPTS:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        answers = []
+        for m in (reference, candidate):
+            with torch.no_grad():
+                out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            answers.append(out[0, ids.shape[1]:].tolist())
+        same += answers[0] == answers[1]
+    return same / len(PROBE_PROMPTS)
+
+
+def set_threads(n: Optional[int]) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+        os.environ["OMP_NUM_THREADS"] = str(n)

@@ -1,0 +1,186 @@
+"""OpenAI request models and error bodies.
+
+Requests are validated at the boundary; a bad one becomes a 400 in OpenAI's error shape whose `param`
+names the field and whose message says the value and the fix. Fields OpenAI accepts but rayft does not
+implement are refused when set to anything but their no-op value, never silently ignored.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers or {}
+
+    @property
+    def type(self) -> str:
+        return {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 503: "overloaded_error"}.get(self.status, "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    max_tokens: Optional[StrictInt] = None
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, strict=True)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, strict=True)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[StrictInt] = None
+    stream: StrictBool = False
+    stream_options: Optional["StreamOptions"] = None
+    n: StrictInt = 1
+    user: Optional[str] = None
+    presence_penalty: float = Field(default=0.0, strict=True)
+    frequency_penalty: float = Field(default=0.0, strict=True)
+    logit_bias: Optional[dict[str, float]] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        if v is None:
+            return []
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("give up to 4 non-empty stop strings")
+        return stops
+
+    @field_validator("n")
+    @classmethod
+    def _one(cls, v):
+        if v != 1:
+            raise ValueError("only n=1 is supported; send several requests for several answers")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, v):
+        if v != 0:
+            raise ValueError("penalties are not supported; leave it out or send 0")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, v):
+        if v:
+            raise ValueError("logit_bias is not supported; leave it out")
+        return v
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool = False
+
+
+class CompletionRequest(_Request):
+    prompt: Union[str, list[str]]
+    echo: StrictBool = False
+    logprobs: Optional[int] = None
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError(f"give one prompt (a string); got a list of {len(v)} — send one request per prompt")
+            v = v[0]
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v):
+        if v:
+            raise ValueError("echo is not supported; leave it out")
+        return v
+
+    @field_validator("logprobs", "suffix", "best_of")
+    @classmethod
+    def _unsupported(cls, v, info):
+        if v is not None and not (info.field_name == "best_of" and v == 1):
+            raise ValueError(f"{info.field_name} is not supported; leave it out")
+        return v
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[StrictInt] = None
+    logprobs: Optional[StrictBool] = None
+    top_logprobs: Optional[int] = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v):
+        if v:
+            raise ValueError("logprobs is not supported; leave it out")
+        return v
+
+
+_Request.model_rebuild()
+CompletionRequest.model_rebuild()
+ChatRequest.model_rebuild()
+
+
+def parse_request(kind: type[BaseModel], body: Any) -> BaseModel:
+    """Validate a JSON body; the first problem becomes a 400 naming the field, its value and the fix."""
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}", param=None)
+    try:
+        return kind.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = _dotted(err["loc"])
+        kind_ = err["type"]
+        if kind_ == "extra_forbidden":
+            msg = f"{loc}: unknown field; remove it (allowed: {', '.join(sorted(kind.model_fields))})"
+        elif kind_ == "missing":
+            msg = f"{loc}: required field is missing"
+        else:
+            text = err["msg"].removeprefix("Value error, ")
+            msg = f"{loc}: {_short(err.get('input'))} is not valid: {text}"
+        raise APIError(400, msg, param=loc, code="invalid_value") from None
+
+
+def _dotted(loc: tuple) -> str:
+    # pydantic puts union member names (str, list[...]) in the location; keep only the field path.
+    parts = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        elif p in ("str", "list[str]", "list[TextPart]", "TextPart") or p.startswith(("list[", "function-")):
+            continue
+        else:
+            parts.append(("." if parts else "") + p)
+    return "".join(parts) or "(body)"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

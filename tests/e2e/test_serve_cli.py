@@ -1,0 +1,76 @@
+"""`rayft serve` as a user runs it (a subprocess with its own local Ray), in --smoke-test mode: start, answer
+/health and one completion over HTTP on 127.0.0.1, stop. The config file's `serve:` section names the champion
+in the MLflow registry (`models:/NAME@champion`), registered with train/registry.py."""
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RAYFT = str(Path(sys.executable).with_name("rayft"))
+ANSWER = "Yes, we are open from nine to five."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_model_dir, tmp_path_factory):
+    from serve.testing import merge_toy_adapter, train_toy_adapter
+
+    root = tmp_path_factory.mktemp("serve-cli")
+    adapter = train_toy_adapter(tiny_model_dir, str(root / "adapter"), ANSWER)
+    return merge_toy_adapter(tiny_model_dir, adapter, str(root / "merged"))
+
+
+def _run(args, cwd, timeout_s=240):
+    out = subprocess.run([RAYFT, "serve", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout_s)
+    return out.returncode, out.stdout + out.stderr
+
+
+def test_serve_the_champion_from_a_config_file(repo_root, merged, tmp_path):
+    """The config's serve: section names a registry alias; the tracking URI comes from the config too."""
+    from train.registry import register_version
+    from train.tracking import client
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = client(uri)
+    exp = c.create_experiment("serve-test", artifact_location=f"file://{tmp_path}/mlartifacts")
+    run = c.create_run(exp)
+    c.log_artifacts(run.info.run_id, merged, artifact_path="export/merged")
+    c.set_terminated(run.info.run_id)
+    v = register_version(uri, "tiny-support", run.info.run_id, "export/merged", lineage={"kind": "merged"})
+    c.set_registered_model_alias("tiny-support", "champion", v.version)
+    port = _free_port()
+    code, out = _run(["examples/quickstart.yaml", "--set", "serve.model=models:/tiny-support@champion",
+                      "--set", f"tracking.tracking_uri={uri}", "--set", f"serve.port={port}",
+                      "--set", "serve.model_name=support", "--set", "serve.num_cpus_per_replica=0.5",
+                      "--set", f"storage_path={tmp_path}", "--smoke-test"], repo_root)
+    assert code == 0, out
+    assert f"serving 'support' (models:/tiny-support@champion) at http://127.0.0.1:{port}/v1" in out
+    assert "GET /health -> 200" in out
+    assert "POST /v1/completions -> 200 'Yes, we are open" in out
+
+
+def test_serve_section_typo_names_the_field(repo_root):
+    code, out = _run(["examples/quickstart.yaml", "--set", "serve.max_batch=4", "--smoke-test"], repo_root, 60)
+    assert code == 2 and "serve.max_batch: unknown field" in out and "max_batch_size" in out
+
+
+def test_serve_flags_refuse_a_public_host_without_keys(repo_root, merged):
+    code, out = _run(["--model", merged, "--host", "0.0.0.0", "--smoke-test"], repo_root, 60)
+    assert code == 2 and "API keys are required" in out and "api_keys_file" in out
+    code, out = _run(["--model", merged, "--adapter", "no-equals-sign"], repo_root, 60)
+    assert code == 2 and "expected NAME=PATH" in out
+
+
+def test_hash_key_reads_stdin(repo_root):
+    import hashlib
+
+    out = subprocess.run([RAYFT, "serve", "--hash-key"], input="sk-secret\n", capture_output=True, text=True,
+                         cwd=repo_root, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == hashlib.sha256(b"sk-secret").hexdigest()

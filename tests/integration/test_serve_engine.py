@@ -1,0 +1,133 @@
+"""The serving engine in-process (no Ray): mixed-adapter batches, the adapter LRU, int8 quantization.
+
+Two LoRA adapters are trained for a few dozen steps on the tiny model so that their greedy answers differ;
+a mixed batch must then give, row by row, exactly what each adapter gives alone.
+"""
+import pytest
+
+ANSWER_A = "Yes, we are open from nine to five."
+ANSWER_B = "No. Please call support."
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    from serve.testing import train_toy_adapter
+
+    root = tmp_path_factory.mktemp("serve-adapters")
+    return {
+        "a": train_toy_adapter(tiny_model_dir, str(root / "a"), ANSWER_A),
+        "b": train_toy_adapter(tiny_model_dir, str(root / "b"), ANSWER_B),
+        "c": train_toy_adapter(tiny_model_dir, str(root / "c"), "Maybe later.", steps=30),
+    }
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, adapters):
+    from serve.engine import Engine
+
+    return Engine(tiny_model_dir, adapters=adapters, adapter_cache_size=2)
+
+
+def _chat_ids(engine, text):
+    from data.chat import render_prompt
+
+    return engine.tokenizer(render_prompt([{"role": "user", "content": text}], engine.tokenizer),
+                            add_special_tokens=False)["input_ids"]
+
+
+def _req(engine, adapter, text="hello", max_tokens=24, **kw):
+    from serve.engine import GenRequest
+
+    kw.setdefault("temperature", 0.0)
+    return GenRequest(_chat_ids(engine, text), max_tokens, adapter=adapter, **kw)
+
+
+def test_adapters_answer_differently(engine):
+    a, b, base = (engine.generate_text([_req(engine, x)])[0][0] for x in ("a", "b", None))
+    assert a == ANSWER_A
+    assert b == ANSWER_B
+    assert base not in (a, b)  # the base model is never silently replaced by an adapter
+
+
+def test_mixed_batch_rows_equal_each_adapter_alone(engine):
+    # Different prompts (so different lengths and padding), different adapters, and the base, in one batch.
+    rows = [("a", "hello"), ("b", "What are your opening hours?"), (None, "hello"), ("b", "hello"),
+            ("a", "What are your opening hours?"), (None, "Tell me something")]
+    alone = [engine.generate_text([_req(engine, ad, t)])[0] for ad, t in rows]
+    assert len(engine.plan([_req(engine, ad, t) for ad, t in rows])) == 1  # one group: one forward per step
+    mixed = engine.generate_text([_req(engine, ad, t) for ad, t in rows])
+    assert mixed == alone
+    assert [m[0] for m in mixed[:2]] == [ANSWER_A, ANSWER_B]
+
+
+def test_lru_evicts_least_recently_used_and_reloads(engine):
+    cache = engine.cache
+    cache.ensure(["a", "b"])
+    assert list(cache.loaded) == ["a", "b"]
+    before = cache.stats.as_dict()
+    out_c = engine.generate_text([_req(engine, "c")])[0][0]  # c is loaded, a (least recent) evicted
+    assert list(cache.loaded) == ["b", "c"]
+    assert cache.stats.evictions == before["evictions"] + 1 and cache.stats.events[-1] == ("evict", "a")
+    assert engine.generate_text([_req(engine, "a")])[0][0] == ANSWER_A  # a comes back, b goes
+    assert list(cache.loaded) == ["c", "a"]
+    assert cache.stats.misses == before["misses"] + 2 and cache.stats.loads == before["loads"] + 2
+    assert cache.stats.load_time_s_total > 0
+    assert out_c == "Maybe later."
+
+
+def test_batch_with_more_adapters_than_the_cache_is_split(engine):
+    reqs = [_req(engine, x) for x in ("a", "b", "c", "a")]
+    assert len(engine.plan(reqs)) == 2
+    assert [t for t, _, _ in engine.generate_text(reqs)] == [ANSWER_A, ANSWER_B, "Maybe later.", ANSWER_A]
+
+
+def test_grouping_per_adapter_gives_the_same_answers(tiny_model_dir, adapters, engine):
+    from serve.engine import Engine
+
+    grouped = Engine(tiny_model_dir, adapters=adapters, adapter_cache_size=2, mixed_adapter_batches=False)
+    reqs = [_req(grouped, x) for x in ("a", "b", None, "a")]
+    assert len(grouped.plan(reqs)) == 3
+    assert grouped.generate_text(reqs) == engine.generate_text([_req(engine, x) for x in ("a", "b", None, "a")])
+
+
+def test_sampling_stop_length_and_seed(engine):
+    text, n, finish = engine.generate_text([_req(engine, "a", stop=["open"])])[0]
+    assert (text, finish) == ("Yes, we are ", "stop")
+    text, n, finish = engine.generate_text([_req(engine, "a", max_tokens=3)])[0]
+    assert (n, finish) == (3, "length")
+    seeded = [_req(engine, None, max_tokens=12, temperature=1.0, top_p=0.9, seed=7) for _ in range(2)]
+    first, second = engine.generate_text(seeded)
+    assert first == second  # the same seed gives the same sample, even within one batch
+    other = engine.generate_text([_req(engine, None, max_tokens=12, temperature=1.0, seed=8)])[0]
+    assert other[1] == 12
+
+
+def test_int8_quantized_merged_model_checks_agreement(tiny_model_dir, adapters, tmp_path, capsys):
+    from serve.engine import Engine
+    from serve.testing import merge_toy_adapter
+
+    merged = merge_toy_adapter(tiny_model_dir, adapters["a"], str(tmp_path / "merged"))
+    q = Engine(merged, quantization="int8", min_agreement=0.5)
+    assert "int8 dynamic quantization: greedy answers agree" in capsys.readouterr().out
+    assert q.agreement is not None and q.agreement >= 0.5
+    assert "DynamicQuantizedLinear" in repr(q.model)
+    assert q.generate_text([_req(q, None)])[0][0] == ANSWER_A
+    if q.agreement < 1.0:  # a threshold above the measured agreement refuses to start
+        with pytest.raises(RuntimeError, match="quantization_min_agreement"):
+            Engine(merged, quantization="int8", min_agreement=1.0)
+
+
+def test_a_cancelled_row_leaves_the_batch(engine):
+    import threading
+
+    stop = threading.Event()
+    reqs = [_req(engine, None, max_tokens=40, stop=["zzzz"], cancel=stop), _req(engine, None, max_tokens=40, stop=["zzzz"])]
+    steps = 0
+    rows_per_step = []
+    for outs in engine.generate(reqs):
+        steps += 1
+        rows_per_step.append(sum(o is not None for o in outs))
+        if steps == 3:
+            stop.set()  # the client of row 0 went away
+    assert rows_per_step[:3] == [2, 2, 2] and set(rows_per_step[3:]) == {1}
+    assert steps == 40
