@@ -181,6 +181,34 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    """Search LoRA/optimizer settings with Ray Tune + ASHA, then export, register and promote the best."""
+    from train.trainer import USER_ERRORS, check_before_start
+    from tune.search import run_search
+    from tune.space import SearchSpaceError, validate_space
+
+    from .ray_conn import connect
+
+    cfg = _load(args)
+    if cfg.tune is None:
+        raise UserError(f"{args.file}: no `tune:` section; add one with a search_space (see examples/quickstart.yaml)")
+    try:
+        validate_space(cfg.tune, cfg.train)  # config mistakes surface before Ray starts
+        check_before_start(cfg.model, cfg.train)
+        print(connect(cfg.ray.address, cfg.ray.num_cpus))
+        out = run_search(cfg, resume=args.resume)
+    except SearchSpaceError as e:
+        raise UserError(str(e)) from None
+    except USER_ERRORS as e:
+        raise UserError(str(e)) from None
+    print(f"search folder: {out.search_dir}")
+    if out.merged_dir:
+        print(f"merged best model: {out.merged_dir}")
+    for note in out.notes:
+        print(note)
+    return 0
+
+
 def cmd_export(args) -> int:
     from train.export import ExportError, export_run
     from train.trainer import TrainingError
@@ -307,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue from the run's last intact checkpoint; an error if there is none "
                     "(without it, re-running the same config also continues)")
     tr.set_defaults(fn=cmd_train)
+    tu = with_file(sub.add_parser("tune", help="Ray Tune search (ASHA) over training; crowns the best as champion"))
+    tu.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials are kept")
+    tu.set_defaults(fn=cmd_tune)
 
     ex = sub.add_parser("export", help="write a run's adapter, and with --merge the merged model")
     ex.add_argument("run", help="the run folder, <storage_path>/<name>")

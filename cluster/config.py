@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from data.config import DataConfig
 from serve.config import ServeConfig
 from train.config import ModelConfig, TrackingConfig, TrainConfig
+from tune.config import TuneConfig
 
 
 class RayConfig(BaseModel):
@@ -46,6 +47,9 @@ class RayftConfig(BaseModel):
     ray: RayConfig = Field(default_factory=RayConfig)
     train: TrainConfig = Field(default_factory=TrainConfig, description="Distributed LoRA training (train/config.py).")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry.")
+    tune: Optional[TuneConfig] = Field(
+        default=None, description="Hyperparameter search (tune/config.py); unset: `rayft tune` refuses the config."
+    )
     serve: ServeConfig = Field(
         default_factory=ServeConfig, description="OpenAI-compatible serving on Ray Serve (serve/config.py)."
     )

@@ -105,46 +105,84 @@ def dataset_fingerprint(*datasets) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class TrainingData:
+    """The prepared data of a run, shared by every training run of a search."""
+
+    train: Any  # ray.data.Dataset, shuffled once and materialised: a fixed order for every epoch and resume
+    eval: Any
+    report: dict
+    pad_token_id: int
+    packed: bool
+    fingerprint: str
+    plan: dict  # for the config's own train section
+
+
+def plan_for(train: TrainConfig, data: "TrainingData") -> dict:
+    plan = plan_steps(train, data.train.count())
+    plan.update({"pad_token_id": data.pad_token_id, "packed": data.packed, "has_eval": data.eval is not None})
+    return plan
+
+
+def prepare_training_data(cfg, log: Callable[[str], None] = print) -> TrainingData:
+    """Check the model settings, run the data pipeline, fix the row order, fingerprint the data."""
+    from data.pipeline import TokenizerSpec, prepare
+
+    train, model = cfg.train, cfg.model
+    check_before_start(model, train)
+    spec = TokenizerSpec(model.tokenizer_name_or_path, model.revision, model.trust_remote_code)
+    prepared = prepare(cfg.data, spec, micro_batch_size=train.micro_batch_size, log=log)
+    train_ds = prepared.train.random_shuffle(seed=train.seed) if train.shuffle else prepared.train
+    train_ds = train_ds.materialize()
+    data = TrainingData(train_ds, prepared.eval, prepared.report, prepared.pad_token_id, prepared.packed,
+                        dataset_fingerprint(train_ds, prepared.eval), {})
+    data.plan = plan_for(train, data)
+    return data
+
+
 def run_training(cfg, resume: bool = False, log: Callable[[str], None] = print) -> TrainOutcome:
     """Train one config end to end. `cfg` is the composed RayftConfig (cluster/config.py)."""
+    storage = os.path.abspath(cfg.storage_path) if "://" not in cfg.storage_path else cfg.storage_path
+    run_dir = os.path.join(storage, cfg.name)
+    existing = best_and_latest(run_dir)["latest"] if os.path.isdir(run_dir) else None
+    if resume and existing is None and "://" not in storage:  # remote: the workers check (require_resume)
+        raise TrainingError(f"--resume: {run_dir} holds no intact checkpoint to resume from; run without --resume to start")
+    if existing:
+        log(f"{run_dir} has checkpoints: continuing from the last one (same run name and storage path)")
+    return fit(cfg, prepare_training_data(cfg, log=log), resume=resume, log=log)
+
+
+def fit(cfg, data: TrainingData, *, resume: bool = False, log: Callable[[str], None] = print,
+        run_name: Optional[str] = None, storage: Optional[str] = None, callbacks: tuple = (),
+        mlflow_parent: Optional[dict] = None, register: bool = True, mlflow_run_name: Optional[str] = None,
+        extra_params: Optional[dict] = None) -> TrainOutcome:
+    """One TorchTrainer run over prepared data. A search calls this once per trial with its own
+    `run_name`, `storage`, Tune's report callback and the search's MLflow run as parent."""
     import ray
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    from data.pipeline import TokenizerSpec, prepare
-
     from .loop import train_loop_per_worker
     from .tracking import git_commit, open_run, tracking_uri
 
     t_start = time.time()
     train, model, tracking_cfg = cfg.train, cfg.model, cfg.tracking
-    storage = os.path.abspath(cfg.storage_path) if "://" not in cfg.storage_path else cfg.storage_path
-    run_dir = os.path.join(storage, cfg.name)
+    name = run_name or cfg.name
+    storage = storage or (os.path.abspath(cfg.storage_path) if "://" not in cfg.storage_path else cfg.storage_path)
+    run_dir = os.path.join(storage, name)
     remote = "://" in storage
     # The driver's own files (data report, run file, final adapter) need a local folder; with remote storage
     # they go to ./runs/<name> and the checkpoints stay in the bucket.
-    local_dir = os.path.abspath(os.path.join("runs", cfg.name)) if remote else run_dir
-    check_before_start(model, train)
-
-    existing = best_and_latest(run_dir)["latest"] if os.path.isdir(run_dir) else None
-    if resume and existing is None and not remote:  # remote: the workers check (require_resume)
-        raise TrainingError(f"--resume: {run_dir} holds no intact checkpoint to resume from; run without --resume to start")
-    if existing:
-        log(f"{run_dir} has checkpoints: continuing from the last one (same run name and storage path)")
-
-    spec = TokenizerSpec(model.tokenizer_name_or_path, model.revision, model.trust_remote_code)
-    prepared = prepare(cfg.data, spec, micro_batch_size=train.micro_batch_size, log=log)
+    local_dir = os.path.abspath(os.path.join("runs", name)) if remote else run_dir
     os.makedirs(local_dir, exist_ok=True)
     report_path = os.path.join(local_dir, "data_report.json")
     with open(report_path, "w", encoding="utf-8") as f:
-        json.dump(prepared.report, f, indent=2)
-    train_ds = prepared.train.random_shuffle(seed=train.seed) if train.shuffle else prepared.train
-    train_ds = train_ds.materialize()  # a fixed order: every epoch and every resume read the same rows
-    plan = plan_steps(train, train_ds.count())
-    plan.update({"pad_token_id": prepared.pad_token_id, "packed": prepared.packed, "has_eval": prepared.eval is not None})
-    fingerprint = dataset_fingerprint(train_ds, prepared.eval)
+        json.dump(data.report, f, indent=2)
+    plan = plan_for(train, data)
+    fingerprint = data.fingerprint
+    train_ds = data.train
     log(f"plan: {plan['total_steps']} optimizer steps ({plan['steps_per_epoch']} per epoch of {plan['train_rows']} rows, "
         f"{plan['rows_per_step']} rows per step, warmup {plan['warmup_steps']}) on {train.num_workers} worker(s), "
         f"ZeRO-{train.deepspeed.zero_stage}; dataset fingerprint {fingerprint}")
@@ -152,22 +190,25 @@ def run_training(cfg, resume: bool = False, log: Callable[[str], None] = print) 
     resolved = cfg.model_dump(mode="json", by_alias=True)
     uri = run_id = None
     if tracking_cfg.enabled:
-        uri = tracking_uri(tracking_cfg.tracking_uri, storage)
-        run_id = open_run(uri, tracking_cfg.experiment, cfg.name, storage, resolved,
-                          {k: v for k, v in {"git_commit": git_commit(os.getcwd()),
-                                             "dataset_fingerprint": fingerprint,
-                                             "base_model": model.name_or_path}.items() if v})
+        uri = mlflow_parent["uri"] if mlflow_parent else tracking_uri(tracking_cfg.tracking_uri, storage)
+        tags = {"git_commit": git_commit(os.getcwd()), "dataset_fingerprint": fingerprint,
+                "base_model": model.name_or_path}
+        if mlflow_parent:
+            tags["mlflow.parentRunId"] = mlflow_parent["run_id"]  # a nested run under the search's run
+        params = dict(resolved, trial=extra_params) if extra_params else resolved
+        run_id = open_run(uri, tracking_cfg.experiment, mlflow_run_name or name, storage, params,
+                          {k: v for k, v in tags.items() if v})
         _mlflow_client(uri).log_artifact(run_id, report_path)
         log(f"MLflow run {run_id} at {uri}")
-    _write_run_file(local_dir, {"name": cfg.name, "config": resolved, "mlflow_run_id": run_id, "tracking_uri": uri,
+    _write_run_file(local_dir, {"name": name, "config": resolved, "mlflow_run_id": run_id, "tracking_uri": uri,
                                 "dataset_fingerprint": fingerprint, "plan": plan, "status": "running"})
 
     progress = Queue(maxsize=1000, actor_options={"num_cpus": 0})
     printer = _ProgressPrinter(progress, log)
     printer.start()
     datasets = {"train": train_ds}
-    if prepared.eval is not None:
-        datasets["eval"] = prepared.eval
+    if data.eval is not None:
+        datasets["eval"] = data.eval
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -179,7 +220,7 @@ def run_training(cfg, resume: bool = False, log: Callable[[str], None] = print) 
                                      resources_per_worker={"CPU": train.cpus_per_worker,
                                                            **({"GPU": 1} if train.use_gpu else {})}),
         run_config=RunConfig(
-            name=cfg.name, storage_path=storage,
+            name=name, storage_path=storage, callbacks=list(callbacks),
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_best_checkpoints,
                                                checkpoint_score_attribute="checkpoint_score",
                                                checkpoint_score_order="min"),
@@ -228,17 +269,17 @@ def run_training(cfg, resume: bool = False, log: Callable[[str], None] = print) 
         c = _mlflow_client(uri)
         c.log_artifacts(run_id, adapter_dir, artifact_path="adapter")
         c.log_metric(run_id, "duration_s", duration)
-        name = cfg.name if tracking_cfg.register_model is None else tracking_cfg.register_model
-        if name:
+        model_name = cfg.name if tracking_cfg.register_model is None else tracking_cfg.register_model
+        if model_name and register:
             from .registry import register_version
 
-            registered = register_version(uri, name, run_id, "adapter", lineage={
+            registered = register_version(uri, model_name, run_id, "adapter", lineage={
                 "kind": "adapter", "base_model": model.name_or_path, "peft_type": "LORA", "lora_rank": train.lora.rank,
                 "dataset_fingerprint": fingerprint, "eval_loss": metrics.get("eval_loss"),
                 "duration_s": round(duration, 1), "git_commit": git_commit(os.getcwd())})
             log(f"registered {registered.name} version {registered.version}")
         _finish_mlflow(uri, run_id, "FINISHED")
-    _write_run_file(local_dir, {"name": cfg.name, "config": resolved, "mlflow_run_id": run_id, "tracking_uri": uri,
+    _write_run_file(local_dir, {"name": name, "config": resolved, "mlflow_run_id": run_id, "tracking_uri": uri,
                                 "dataset_fingerprint": fingerprint, "plan": plan, "status": "finished",
                                 "adapter": adapter_dir, "checkpoint": chosen, "metrics": _jsonable(metrics)})
     return TrainOutcome(local_dir, metrics, chosen, adapter_dir, run_id, uri, registered, plan)

@@ -161,8 +161,10 @@ def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) ->
         tuner = tune.Tuner(
             trainable,
             param_space=to_tune_space(tcfg),
+            # The metric lives in the scheduler or the search algorithm when they are used (Tune refuses both).
             tune_config=tune.TuneConfig(num_samples=tcfg.num_samples, scheduler=scheduler, search_alg=search_alg,
-                                        max_concurrent_trials=concurrency, metric="eval_loss", mode="min"),
+                                        max_concurrent_trials=concurrency,
+                                        **({} if tcfg.asha.enabled or search_alg else {"metric": "eval_loss", "mode": "min"})),
             run_config=tune.RunConfig(name=search_name, storage_path=storage, verbose=0),
         )
     log(f"search: {tcfg.num_samples} trial(s), up to {concurrency} at once, {max_steps} steps each at most, "
