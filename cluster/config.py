@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data.config import DataConfig
 from serve.config import ServeConfig
@@ -53,6 +53,17 @@ class RayftConfig(BaseModel):
     serve: ServeConfig = Field(
         default_factory=ServeConfig, description="OpenAI-compatible serving on Ray Serve (serve/config.py)."
     )
+
+    @model_validator(mode="after")
+    def _search_space_fits_train(self) -> "RayftConfig":
+        if self.tune is not None:
+            from tune.space import SearchSpaceError, validate_space
+
+            try:
+                validate_space(self.tune, self.train)
+            except SearchSpaceError as e:
+                raise ValueError(str(e)) from None
+        return self
 
     @field_validator("name")
     @classmethod

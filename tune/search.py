@@ -6,7 +6,6 @@ Each trial is a real distributed training run: a small driver task per trial sta
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -17,8 +16,6 @@ from train.trainer import TrainingError
 
 from .space import apply_params, to_tune_space, validate_space
 
-SEARCH_FILE = "rayft_search.json"
-TRIAL_RESULT_FILE = "rayft_trial.json"
 # The driver task of a trial only waits on its TorchTrainer; Tune refuses a zero request.
 DRIVER_CPUS = 0.01
 
@@ -56,9 +53,18 @@ class SearchOutcome:
         return self.steps_run / self.steps_full if self.steps_full else 1.0
 
 
+def trial_train_config(train_cfg):
+    """The train section a trial runs with: its driver task (idle while the workers train) borrows
+    DRIVER_CPUS from the workers, so a trial holds exactly num_workers x cpus_per_worker CPUs and two
+    one-worker trials fit two CPUs."""
+    share = DRIVER_CPUS / train_cfg.num_workers
+    return train_cfg.model_copy(update={"cpus_per_worker": max(train_cfg.cpus_per_worker - share, share)})
+
+
 def trial_resources(train_cfg) -> dict[str, float]:
     """What one trial holds while it runs: its workers plus its driver task."""
-    need = {"CPU": train_cfg.num_workers * train_cfg.cpus_per_worker + DRIVER_CPUS}
+    t = trial_train_config(train_cfg)
+    need = {"CPU": t.num_workers * t.cpus_per_worker + DRIVER_CPUS}
     if train_cfg.use_gpu:
         need["GPU"] = float(train_cfg.num_workers)
     return need
@@ -72,9 +78,9 @@ def check_fits(train_cfg, cluster: dict[str, float], max_concurrent: Optional[in
         if amount > have + 1e-9:
             raise SearchError(
                 f"one trial needs {amount:g} {res} (train.num_workers {train_cfg.num_workers} x "
-                f"{'1 GPU' if res == 'GPU' else f'train.cpus_per_worker {train_cfg.cpus_per_worker:g}'} plus "
-                f"{DRIVER_CPUS} for its driver) but the cluster has {have:g}; lower train.num_workers or "
-                f"train.cpus_per_worker, or add nodes (a trial that cannot fit would wait forever)"
+                f"{'1 GPU' if res == 'GPU' else f'train.cpus_per_worker {train_cfg.cpus_per_worker:g}'}) but the "
+                f"cluster has {have:g}; lower train.num_workers or train.cpus_per_worker, or add nodes (a trial "
+                f"that cannot fit would wait forever)"
             )
     fit = min(int((float(cluster.get(r, 0.0)) + 1e-9) // a) for r, a in need.items() if a > 0)
     return max(1, min(fit, max_concurrent or fit))
@@ -88,16 +94,15 @@ def _trial_driver(config: dict, cfg=None, data=None, search_dir: str = "", paren
     from train.trainer import fit
 
     params = {k: v for k, v in config.items() if k.startswith("train.")}
-    trial_train = apply_params(cfg.train, params)
+    trial_train = trial_train_config(apply_params(cfg.train, params))
     trial_id = tune.get_context().get_trial_id()
     trial_cfg = cfg.model_copy(update={"train": trial_train})
     run_name = f"trial-{trial_id}"
-    outcome = fit(trial_cfg, data, run_name=run_name, storage=os.path.join(search_dir, "trials"),
-                  callbacks=[TuneReportCallback()], mlflow_parent=parent_run, register=False,
-                  mlflow_run_name=f"{cfg.name}/{run_name}", extra_params=params)
-    with open(os.path.join(outcome.run_dir, TRIAL_RESULT_FILE), "w", encoding="utf-8") as f:
-        json.dump({"params": params, "adapter_dir": outcome.adapter_dir, "run_dir": outcome.run_dir,
-                   "mlflow_run_id": outcome.mlflow_run_id}, f, indent=2)
+    # Tune ends this task as soon as ASHA stops the trial or it reports its last step, so nothing after
+    # fit() is sure to run: the trial's run folder (checkpoints, rayft_run.json) is its result.
+    fit(trial_cfg, data, run_name=run_name, storage=os.path.join(search_dir, "trials"),
+        callbacks=[TuneReportCallback()], mlflow_parent=parent_run, register=False,
+        mlflow_run_name=f"{cfg.name}/{run_name}", extra_params=params)
 
 
 def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) -> SearchOutcome:
@@ -206,7 +211,7 @@ def summarise(grid, max_steps: int, search_dir: str) -> SearchOutcome:
         params = {k: v for k, v in (r.config or {}).items() if k.startswith("train.")}
         trial_id = _trial_id(r)
         trial_dir = os.path.join(search_dir, "trials", f"trial-{trial_id}") if trial_id else None
-        run_dir = trial_dir if trial_dir and os.path.isdir(trial_dir) else None
+        run_dir = trial_dir if trial_dir and os.path.isfile(os.path.join(trial_dir, "rayft_run.json")) else None
         rows.append(TrialRow(trial_id or "?", params, best, steps, stopped_early=steps < max_steps and r.error is None,
                              status="ERROR" if r.error else "TERMINATED", run_dir=run_dir))
     done = [t for t in rows if t.best_eval_loss is not None and t.run_dir]
