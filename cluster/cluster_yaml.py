@@ -66,16 +66,11 @@ class WorkerType:
 
 
 def read_cluster_yaml(path: str | Path = DEFAULT_CLUSTER_YAML) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ClusterYamlError(f"{path}: no such cluster config; pass the path of your cluster.yaml (--cluster FILE)")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ClusterYamlError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ClusterYamlError(f"{path}: the top level must be a mapping (cluster_name, provider, ...)")
-    return raw
+    from .config import read_yaml_mapping
+
+    return read_yaml_mapping(path, ClusterYamlError,
+                             "no such cluster config; pass the path of your cluster.yaml (--cluster FILE)",
+                             "(cluster_name, provider, ...)")
 
 
 def prepare_and_validate(raw: dict, source: str = "cluster.yaml") -> dict:

@@ -126,21 +126,31 @@ def _list_index(node: list, part: str, where: str, origin: str) -> int:
     return int(part)
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RayftConfig:
-    """Read, override and validate one config file."""
+def read_yaml_mapping(path: str | os.PathLike, error: type[Exception], missing: str, top: str,
+                      empty_ok: bool = False) -> dict:
+    """A YAML file whose top level is a mapping (an empty file is {} when `empty_ok`); `error` carries
+    what is wrong and what to do."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{path}: no such config file")
+        raise error(f"{path}: {missing}")
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise error(f"{path}: not valid YAML: {e}") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
-    if raw is None:
-        raw = {}
+        raise error(f"{path}: not UTF-8 text ({e})") from None
+    if raw is None and empty_ok:
+        return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (name, model, data, ...), got a {type(raw).__name__}")
+        raise error(f"{path}: the top level must be a mapping {top}, got {'nothing' if raw is None else 'a ' + type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RayftConfig:
+    """Read, override and validate one config file."""
+    # An empty file is validated as {}, so the error lists the required sections.
+    raw = read_yaml_mapping(path, ConfigError, "no such config file", "of sections (name, model, data, ...)",
+                            empty_ok=True)
     return config_from_dict(raw, source=str(path), overrides=overrides)
 
 
