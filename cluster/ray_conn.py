@@ -22,10 +22,15 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, quiet
     if address:
         ray.init(address=address, log_to_driver=not quiet, logging_level="WARNING" if quiet else "INFO")
         return f"joined Ray at {address}"
+    # The dashboard (on loopback, on a free port) serves Ray's state API, which Ray Train uses to release
+    # the placement group of a run whose controller died (a trial stopped by ASHA, a killed driver).
+    # Without it those CPUs stay reserved and later trials wait forever.
     ray.init(
         address="local",
         num_cpus=num_cpus,
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=_free_port(),
         log_to_driver=not quiet,
         logging_level="WARNING" if quiet else "INFO",
         _node_ip_address="127.0.0.1",
@@ -44,3 +49,11 @@ def _quiet_ray_data(quiet: bool) -> None:
     DataContext.get_current().enable_progress_bars = interactive
     if quiet and not interactive:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
