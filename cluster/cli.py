@@ -209,6 +209,42 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def _registry_uri(args) -> str:
+    if args.tracking_uri:
+        return args.tracking_uri
+    if args.file:
+        from train.tracking import tracking_uri
+
+        cfg = _load(args)
+        return tracking_uri(cfg.tracking.tracking_uri, cfg.storage_path)
+    raise UserError("give the registry: --tracking-uri URI (for example sqlite:///runs/mlflow.db) or --config FILE")
+
+
+def cmd_models(args) -> int:
+    """The MLflow registry: list versions, promote one to an alias, roll an alias back."""
+    from train.registry import RegistryError, list_versions, promote, rollback
+
+    uri = _registry_uri(args)
+    try:
+        if args.action == "list":
+            versions = list_versions(uri, args.name)
+            if not versions:
+                raise UserError(f"no versions of model {args.name!r} in {uri}")
+            for v in versions:
+                tags = v["tags"]
+                print(f"v{v['version']:<4} {','.join(v['aliases']) or '-':<22} kind={tags.get('kind', '?')} "
+                      f"eval_loss={tags.get('eval_loss', '-')} base={tags.get('base_model', '-')}")
+        elif args.action == "promote":
+            before = promote(uri, args.name, args.version, args.alias)
+            print(f"{args.name}@{args.alias} -> v{args.version}" + (f" (was v{before})" if before else ""))
+        else:
+            was, now = rollback(uri, args.name, args.alias)
+            print(f"{args.name}@{args.alias} rolled back: v{was} -> v{now}")
+    except RegistryError as e:
+        raise UserError(str(e)) from None
+    return 0
+
+
 def cmd_export(args) -> int:
     from train.export import ExportError, export_run
     from train.trainer import TrainingError
@@ -338,6 +374,22 @@ def build_parser() -> argparse.ArgumentParser:
     tu = with_file(sub.add_parser("tune", help="Ray Tune search (ASHA) over training; crowns the best as champion"))
     tu.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials are kept")
     tu.set_defaults(fn=cmd_tune)
+
+    mo = sub.add_parser("models", help="the model registry: list, promote, rollback").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    for action, helptext in (("list", "versions with their aliases and eval loss"),
+                             ("promote", "point an alias (default champion) at a version"),
+                             ("rollback", "move an alias back to the version it had before")):
+        mp = mo.add_parser(action, help=helptext)
+        mp.add_argument("name", help="registered model name")
+        if action == "promote":
+            mp.add_argument("version", help="version number")
+        if action != "list":
+            mp.add_argument("--alias", default="champion")
+        mp.add_argument("--tracking-uri", help="MLflow tracking/registry URI")
+        mp.add_argument("--config", dest="file", help="take the registry from this run config instead")
+        mp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+        mp.set_defaults(fn=cmd_models)
 
     ex = sub.add_parser("export", help="write a run's adapter, and with --merge the merged model")
     ex.add_argument("run", help="the run folder, <storage_path>/<name>")

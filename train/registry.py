@@ -47,7 +47,86 @@ def register_version(tracking_uri: str, name: str, run_id: str, artifact_path: s
 def list_versions(tracking_uri: str, name: str) -> list[dict]:
     c = client(tracking_uri)
     out = []
-    for mv in c.search_model_versions(f"name = '{name}'"):
+    found = c.search_model_versions(f"name = '{name}'")
+    # Search results do not carry aliases; the registered model does (alias -> version).
+    by_version: dict[str, list[str]] = {}
+    if found:
+        for alias, version in (getattr(c.get_registered_model(name), "aliases", None) or {}).items():
+            by_version.setdefault(str(version), []).append(alias)
+    for mv in found:
         out.append({"version": str(mv.version), "source": mv.source, "run_id": mv.run_id, "tags": dict(mv.tags),
-                    "aliases": list(getattr(mv, "aliases", []) or [])})
+                    "aliases": sorted(by_version.get(str(mv.version), []))})
     return sorted(out, key=lambda v: int(v["version"]))
+
+
+class RegistryError(ValueError):
+    """A registry change that cannot be made; the message says what to do."""
+
+
+HISTORY_TAG = "rayft.alias_history"  # on the registered model: "champion=1,2,3" (oldest first)
+
+
+def _history(c, name: str) -> dict[str, list[str]]:
+    tags = dict(c.get_registered_model(name).tags or {})
+    out: dict[str, list[str]] = {}
+    for part in filter(None, tags.get(HISTORY_TAG, "").split(";")):
+        alias, _, versions = part.partition("=")
+        out[alias] = [v for v in versions.split(",") if v]
+    return out
+
+
+def _save_history(c, name: str, history: dict[str, list[str]]) -> None:
+    c.set_registered_model_tag(name, HISTORY_TAG, ";".join(f"{a}={','.join(v)}" for a, v in sorted(history.items())))
+
+
+def _check_version(c, name: str, version: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_model_version(name, str(version))
+    except MlflowException:
+        raise RegistryError(f"model {name!r} has no version {version!r}; see `rayft models list {name}`") from None
+
+
+def promote(tracking_uri: str, name: str, version: str, alias: str = "champion") -> Optional[str]:
+    """Point `alias` at `version`, remembering the version it pointed at (for rollback). Returns that one."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(tracking_uri)
+    _check_version(c, name, version)
+    try:
+        previous = str(c.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        previous = None
+    if previous == str(version):
+        return previous
+    history = _history(c, name)
+    history.setdefault(alias, [])
+    if previous is not None and (not history[alias] or history[alias][-1] != previous):
+        history[alias].append(previous)
+    history[alias].append(str(version))
+    c.set_registered_model_alias(name, alias, str(version))
+    _save_history(c, name, history)
+    return previous
+
+
+def rollback(tracking_uri: str, name: str, alias: str = "champion") -> tuple[str, str]:
+    """Move `alias` back to the version it pointed at before the last promotion. Returns (from, to)."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(tracking_uri)
+    try:
+        current = str(c.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        raise RegistryError(f"model {name!r} has no {alias!r} alias to roll back") from None
+    history = _history(c, name).get(alias, [])
+    while history and history[-1] == current:
+        history.pop()
+    if not history:
+        raise RegistryError(f"{name}@{alias} (version {current}) has no earlier version to roll back to")
+    target = history[-1]
+    c.set_registered_model_alias(name, alias, target)
+    full = _history(c, name)
+    full[alias] = history  # the rolled-back version leaves the history; promoting it again re-adds it
+    _save_history(c, name, full)
+    return current, target

@@ -49,6 +49,7 @@ def decide(policy: str, min_improvement: float, challenger_loss: Optional[float]
 
 def crown(cfg, outcome, data, uri: Optional[str], log: Callable[[str], None] = print) -> None:
     from train.export import export_run
+    from train.registry import promote
     from train.tracking import client
 
     best = outcome.best
@@ -64,12 +65,12 @@ def crown(cfg, outcome, data, uri: Optional[str], log: Callable[[str], None] = p
     # The version's eval loss is the best trial's best evaluation, the checkpoint that was exported.
     c.set_model_version_tag(name, version, "eval_loss", str(best.best_eval_loss))
     c.set_model_version_tag(name, version, "rayft.search", os.path.basename(outcome.search_dir))
-    c.set_registered_model_alias(name, CHALLENGER, version)
+    promote(uri, name, version, CHALLENGER)
     outcome.registered = result.registered
     promote, why = decide(cfg.tune.promotion.policy, cfg.tune.promotion.min_improvement, best.best_eval_loss,
                           data.fingerprint, current_version(uri, name, CHAMPION))
     if promote:
-        c.set_registered_model_alias(name, CHAMPION, version)
+        promote(uri, name, version, CHAMPION)
         outcome.promoted = CHAMPION
         log(f"{name} v{version} is now `champion` ({why}); serve it with models:/{name}@{CHAMPION}")
     else:
