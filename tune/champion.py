@@ -67,9 +67,9 @@ def crown(cfg, outcome, data, uri: Optional[str], log: Callable[[str], None] = p
     c.set_model_version_tag(name, version, "rayft.search", os.path.basename(outcome.search_dir))
     promote(uri, name, version, CHALLENGER)
     outcome.registered = result.registered
-    promote, why = decide(cfg.tune.promotion.policy, cfg.tune.promotion.min_improvement, best.best_eval_loss,
+    should_promote, why = decide(cfg.tune.promotion.policy, cfg.tune.promotion.min_improvement, best.best_eval_loss,
                           data.fingerprint, current_version(uri, name, CHAMPION))
-    if promote:
+    if should_promote:
         promote(uri, name, version, CHAMPION)
         outcome.promoted = CHAMPION
         log(f"{name} v{version} is now `champion` ({why}); serve it with models:/{name}@{CHAMPION}")
