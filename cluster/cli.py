@@ -185,7 +185,7 @@ def cmd_tune(args) -> int:
     """Search LoRA/optimizer settings with Ray Tune + ASHA, then export, register and promote the best."""
     from train.trainer import USER_ERRORS, check_before_start
     from tune.search import run_search
-    from tune.space import SearchSpaceError, validate_space
+    from tune.space import SearchSpaceError
 
     from .ray_conn import connect
 
@@ -193,8 +193,7 @@ def cmd_tune(args) -> int:
     if cfg.tune is None:
         raise UserError(f"{args.file}: no `tune:` section; add one with a search_space (see examples/quickstart.yaml)")
     try:
-        validate_space(cfg.tune, cfg.train)  # config mistakes surface before Ray starts
-        check_before_start(cfg.model, cfg.train)
+        check_before_start(cfg.model, cfg.train)  # the search space was checked when the config loaded
         print(connect(cfg.ray.address, cfg.ray.num_cpus))
         out = run_search(cfg, resume=args.resume)
     except SearchSpaceError as e:

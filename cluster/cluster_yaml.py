@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import yaml
 
 DEFAULT_CLUSTER_YAML = Path(__file__).resolve().parent.parent / "cluster.yaml"
 

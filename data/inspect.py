@@ -5,7 +5,7 @@ as the pipeline: normalise, redact, render, tokenize, truncate.
 """
 from __future__ import annotations
 
-from .chat import fit_conversation, render_conversation
+from .chat import fit_conversation
 from .config import DataConfig
 from .formats import iter_records
 from .pipeline import TokenizerSpec, _head, load_tokenizer, plan_sources

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import pyarrow as pa
 
-from .chat import TemplateError, fit_conversation, render_segments, tokenize_segments
+from .chat import fit_conversation, render_segments, tokenize_segments
 from .config import DataConfig, SourceConfig
 from .formats import SourceError, detect_format, iter_records, list_files, read_bytes
 from .pack import pack_flat, padding_waste_unpacked, single_flat
@@ -30,7 +30,7 @@ from .redact import PII_KINDS, redact, redact_messages
 from .schemas import SCHEMAS, Reject, apply_column_map, content_key, detect_schema, normalise
 
 PEEK_ROWS = 50
-BLOCK_ROWS = int(__import__("os").environ.get("RAYFT_BLOCK_ROWS", 2048))
+BLOCK_ROWS = 2048  # rows per block after reading: enough blocks to keep every CPU busy
 
 
 @dataclass(frozen=True)

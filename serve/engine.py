@@ -140,7 +140,6 @@ class Engine:
                  adapter_cache_size: int = 4, mixed_adapter_batches: bool = True, quantization: str = "none",
                  min_agreement: float = 0.8, resolve: Callable[[str], str] = lambda p: p,
                  log: Callable[[str], None] = print, on_cache_event=None, seed: int = 0):
-        import torch
         from transformers import AutoTokenizer
 
         self.model_path = model_path
