@@ -7,6 +7,9 @@
     rayft data inspect FILE [-n N] [--set k=v ...]
     rayft quickstart [--workdir DIR]
     rayft train FILE [--resume] [--set k=v ...]
+    rayft tune FILE [--resume] [--set k=v ...]
+    rayft run FILE [--resume] [--serve [--port N]] [--promote POLICY] [--set k=v ...]
+    rayft models list|promote|rollback NAME ...
     rayft export RUN --out DIR [--merge] [--checkpoint best|latest|PATH] [--register NAME]
     rayft serve FILE [--set k=v ...] | rayft serve --model PATH|models:/NAME@champion [--adapter NAME=PATH ...]
 
@@ -95,13 +98,9 @@ def write_prepared(prepared, out_dir: str) -> None:
     prepared.train.write_parquet(str((out / "train").resolve()))
     if prepared.eval is not None:
         prepared.eval.write_parquet(str((out / "eval").resolve()))
-    n = 0
-    with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
-        for row in prepared.rejects.iter_rows():
-            rec = {k: row[k] for k in ("source", "file", "row", "line", "reason", "detail", "raw")}
-            rec["line"] = None if rec["line"] < 0 else rec["line"]
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            n += 1
+    from data.pipeline import write_rejects
+
+    n = write_rejects(prepared.rejects, str(out / "rejects.jsonl"))
     report = dict(prepared.report)
     report["outputs"] = {"train": str(out / "train"), "eval": str(out / "eval") if prepared.eval is not None else None,
                          "rejects": str(out / "rejects.jsonl"), "rejects_rows": n}
@@ -206,6 +205,30 @@ def cmd_tune(args) -> int:
     for note in out.notes:
         print(note)
     return 0
+
+
+def cmd_run(args) -> int:
+    """The whole pipeline: data -> tune (or train) -> export + merge -> register + promote -> optionally serve."""
+    from train.trainer import USER_ERRORS, check_before_start
+    from tune.space import SearchSpaceError
+
+    from .pipeline import run_pipeline, serve_stage, summary
+    from .ray_conn import connect
+
+    cfg = _load(args)
+    try:
+        check_before_start(cfg.model, cfg.train)
+        print(connect(cfg.ray.address, cfg.ray.num_cpus))
+        out = run_pipeline(cfg, resume=args.resume, policy=args.promote)
+    except (SearchSpaceError, *USER_ERRORS) as e:
+        raise UserError(str(e)) from None
+    scfg = serve_stage(cfg, out, args.serve, port=args.port)
+    print(summary(out))
+    if scfg is None:
+        return 0
+    from serve.app import run_server
+
+    return run_server(scfg, scfg.model, out.tracking_uri)
 
 
 def _registry_uri(args) -> str:
@@ -373,6 +396,14 @@ def build_parser() -> argparse.ArgumentParser:
     tu = with_file(sub.add_parser("tune", help="Ray Tune search (ASHA) over training; crowns the best as champion"))
     tu.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials are kept")
     tu.set_defaults(fn=cmd_tune)
+
+    rn = with_file(sub.add_parser("run", help="the whole pipeline: data, tune (or train), export + merge, register + promote, serve"))
+    rn.add_argument("--resume", action="store_true", help="continue an interrupted training run or search")
+    rn.add_argument("--serve", action="store_true", help="then serve the champion until interrupted (Ctrl-C)")
+    rn.add_argument("--port", type=int, help="with --serve: HTTP port (default: serve.port of the config)")
+    rn.add_argument("--promote", choices=["better_eval_loss", "always", "never"],
+                    help="promotion policy for the new version (default: tune.promotion.policy, else better_eval_loss)")
+    rn.set_defaults(fn=cmd_run)
 
     mo = sub.add_parser("models", help="the model registry: list, promote, rollback").add_subparsers(
         dest="action", required=True, metavar="ACTION")

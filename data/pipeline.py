@@ -505,6 +505,27 @@ def _split_stats(ds, cfg: DataConfig, micro_batch_size: int) -> dict:
     }
 
 
+REJECT_FIELDS = ("source", "file", "row", "line", "reason", "detail", "raw")
+
+
+def write_rejects(rejects, path: str) -> int:
+    """Every rejected row as one JSON line (source, file, row, line, reason, detail, raw); returns the count."""
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    n = 0
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rejects.iter_rows():
+            rec = {k: row[k] for k in REJECT_FIELDS}
+            rec["line"] = None if rec["line"] < 0 else rec["line"]
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += 1
+    os.replace(tmp, path)
+    return n
+
+
 def format_report(report: dict) -> str:
     """The report as a readable table for the terminal."""
     lines = []

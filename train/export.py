@@ -48,6 +48,13 @@ def find_adapter(run_dir: str, which: str = "best") -> str:
         return os.path.join(which, ADAPTER_DIR)
     found = best_and_latest(run_dir)
     chosen = found[which] or found["latest"]
+    if chosen is None and which == "best":
+        # Remote storage: the checkpoints are in the bucket and the driver downloaded the best adapter at the end.
+        from .trainer import read_run_file
+
+        downloaded = read_run_file(run_dir).get("adapter") if os.path.isfile(os.path.join(run_dir, "rayft_run.json")) else None
+        if downloaded and os.path.isdir(downloaded):
+            return downloaded
     if chosen is None:
         raise ExportError(f"{run_dir} holds no intact checkpoint; train first (rayft train CONFIG)")
     return os.path.join(chosen, ADAPTER_DIR)

@@ -116,6 +116,7 @@ class TrainingData:
     packed: bool
     fingerprint: str
     plan: dict  # for the config's own train section
+    rejects: Any = None  # ray.data.Dataset of rejected rows (written to <run>/rejects.jsonl)
 
 
 def plan_for(train: TrainConfig, data: "TrainingData") -> dict:
@@ -135,7 +136,7 @@ def prepare_training_data(cfg, log: Callable[[str], None] = print) -> TrainingDa
     train_ds = prepared.train.random_shuffle(seed=train.seed) if train.shuffle else prepared.train
     train_ds = train_ds.materialize()
     data = TrainingData(train_ds, prepared.eval, prepared.report, prepared.pad_token_id, prepared.packed,
-                        dataset_fingerprint(train_ds, prepared.eval), {})
+                        dataset_fingerprint(train_ds, prepared.eval), {}, prepared.rejects)
     data.plan = plan_for(train, data)
     return data
 
@@ -180,6 +181,12 @@ def fit(cfg, data: TrainingData, *, resume: bool = False, log: Callable[[str], N
     report_path = os.path.join(local_dir, "data_report.json")
     with open(report_path, "w", encoding="utf-8") as f:
         json.dump(data.report, f, indent=2)
+    if data.rejects is not None:  # every rejected row, with its source, line and reason
+        from data.pipeline import write_rejects
+
+        n_rejects = write_rejects(data.rejects, os.path.join(local_dir, "rejects.jsonl"))
+        log(f"data: {n_rejects} rejected row(s) in {os.path.join(local_dir, 'rejects.jsonl')}, "
+            f"report in {report_path}")
     plan = plan_for(train, data)
     fingerprint = data.fingerprint
     train_ds = data.train

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -47,32 +48,51 @@ def decide(policy: str, min_improvement: float, challenger_loss: Optional[float]
                    f"{champion_loss:.4f} by more than {min_improvement}")
 
 
-def crown(cfg, outcome, data, uri: Optional[str], log: Callable[[str], None] = print) -> None:
+@dataclass
+class Crowned:
+    """What crowning did: the merged export, the registered version, and the alias it got."""
+
+    merged_dir: Optional[str]
+    registered: Optional[object] = None  # train.registry.RegisteredVersion
+    promoted: Optional[str] = None  # "champion" | "challenger" | None (not registered)
+    why: str = ""
+
+
+def crown_run(run_dir: str, out_dir: str, name: Optional[str], uri: Optional[str], eval_loss: Optional[float],
+              fingerprint: Optional[str], policy: str, min_improvement: float, log: Callable[[str], None] = print,
+              tags: Optional[dict] = None) -> Crowned:
+    """Export and merge the best checkpoint of `run_dir`, register it as `challenger` of `name`, and promote it to
+    `champion` when the policy says so. Used by `rayft tune` (its best trial) and `rayft run` (the training run)."""
     from train.export import export_run
     from train.registry import promote
     from train.tracking import client
 
-    best = outcome.best
-    name = cfg.tracking.register_model if cfg.tracking.register_model is not None else cfg.name
-    out_dir = os.path.join(outcome.search_dir, "export")
-    result = export_run(best.run_dir, out_dir, merge=True, log=log, register=name if (uri and name) else None)
-    outcome.merged_dir = result.merged_dir
+    result = export_run(run_dir, out_dir, merge=True, log=log, register=name if (uri and name) else None)
     if not (uri and name and result.registered):
-        outcome.notes.append("tracking is off: the merged champion candidate is exported but not registered")
-        return
+        return Crowned(result.merged_dir, why="tracking is off: the merged model is exported but not registered")
     version = result.registered.version
     c = client(uri)
-    # The version's eval loss is the best trial's best evaluation, the checkpoint that was exported.
-    c.set_model_version_tag(name, version, "eval_loss", str(best.best_eval_loss))
-    c.set_model_version_tag(name, version, "rayft.search", os.path.basename(outcome.search_dir))
+    # The version's eval loss is that of the exported (best) checkpoint.
+    if eval_loss is not None:
+        c.set_model_version_tag(name, version, "eval_loss", str(eval_loss))
+    for k, v in (tags or {}).items():
+        c.set_model_version_tag(name, version, k, str(v))
     promote(uri, name, version, CHALLENGER)
-    outcome.registered = result.registered
-    should_promote, why = decide(cfg.tune.promotion.policy, cfg.tune.promotion.min_improvement, best.best_eval_loss,
-                          data.fingerprint, current_version(uri, name, CHAMPION))
+    should_promote, why = decide(policy, min_improvement, eval_loss, fingerprint, current_version(uri, name, CHAMPION))
     if should_promote:
         promote(uri, name, version, CHAMPION)
-        outcome.promoted = CHAMPION
         log(f"{name} v{version} is now `champion` ({why}); serve it with models:/{name}@{CHAMPION}")
-    else:
-        outcome.promoted = CHALLENGER
-        log(f"{name} v{version} is `challenger`, not promoted: {why}")
+        return Crowned(result.merged_dir, result.registered, CHAMPION, why)
+    log(f"{name} v{version} is `challenger`, not promoted: {why}")
+    return Crowned(result.merged_dir, result.registered, CHALLENGER, why)
+
+
+def crown(cfg, outcome, data, uri: Optional[str], log: Callable[[str], None] = print) -> None:
+    best = outcome.best
+    name = cfg.tracking.register_model if cfg.tracking.register_model is not None else cfg.name
+    done = crown_run(best.run_dir, os.path.join(outcome.search_dir, "export"), name, uri, best.best_eval_loss,
+                     data.fingerprint, cfg.tune.promotion.policy, cfg.tune.promotion.min_improvement, log,
+                     tags={"rayft.search": os.path.basename(outcome.search_dir)})
+    outcome.merged_dir, outcome.registered, outcome.promoted = done.merged_dir, done.registered, done.promoted
+    if done.registered is None:
+        outcome.notes.append("tracking is off: the merged champion candidate is exported but not registered")
