@@ -2,10 +2,11 @@
 
     rayft config validate FILE [--set k=v ...]
     rayft config show FILE [--set k=v ...]
+    rayft config reference [--write README.md]
     rayft tiny-model DIR
     rayft data prepare FILE [--out DIR] [--set k=v ...]
     rayft data inspect FILE [-n N] [--set k=v ...]
-    rayft quickstart [--workdir DIR]
+    rayft quickstart [--workdir DIR] [--port N]
     rayft train FILE [--resume] [--set k=v ...]
     rayft tune FILE [--resume] [--set k=v ...]
     rayft run FILE [--resume] [--serve [--port N]] [--promote POLICY] [--set k=v ...]
@@ -55,6 +56,17 @@ def cmd_config_show(args) -> int:
     from .config import dump_config
 
     print(dump_config(_load(args)), end="")
+    return 0
+
+
+def cmd_config_reference(args) -> int:
+    from .reference import render_reference, write_into
+
+    if args.write:
+        changed = write_into(args.write)
+        print(f"{args.write}: config reference {'updated' if changed else 'already up to date'}")
+    else:
+        print(render_reference(), end="")
     return 0
 
 
@@ -129,29 +141,15 @@ def cmd_data_inspect(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    """Build the tiny model, prepare the sample data and print the report (later: train, tune, serve)."""
-    from train.tiny_model import build_tiny_model
+    """Tiny model, `rayft run examples/quickstart.yaml` (tune, merge, register, promote), serve, one chat request."""
+    from train.trainer import USER_ERRORS
 
-    from .config import load_config
-    from .ray_conn import connect
+    from .quickstart import run_quickstart
 
-    root = Path(__file__).resolve().parent.parent
-    config_path = root / "examples" / "quickstart.yaml"
-    workdir = Path(args.workdir).resolve()
-    model_dir = workdir / "tiny-model"
-    if not (model_dir / "config.json").exists():
-        print(f"[1/2] building the tiny model in {model_dir} (no weights can be downloaded here)")
-        build_tiny_model(str(model_dir))
-    else:
-        print(f"[1/2] tiny model already in {model_dir}")
-    os.chdir(root)  # the example's paths are relative to the project folder
-    cfg = load_config(config_path, [f"model.name_or_path={model_dir}", f"storage_path={workdir}"])
-    print(f"[2/2] preparing the sample data of {config_path.relative_to(root)}")
-    print(connect(cfg.ray.address, cfg.ray.num_cpus))
-    run_data_prepare(cfg, os.path.join(cfg.run_dir, "data"))
-    print("\nnext: rayft data inspect examples/quickstart.yaml -n 3 "
-          f"--set model.name_or_path={model_dir}")
-    return 0
+    try:
+        return run_quickstart(args.workdir, port=args.port)
+    except USER_ERRORS as e:
+        raise UserError(str(e)) from None
 
 
 def cmd_train(args) -> int:
@@ -368,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="check or print a config").add_subparsers(dest="action", required=True, metavar="ACTION")
     with_file(cfg.add_parser("validate", help="exit 0 if the config is valid, else print what is wrong")).set_defaults(fn=cmd_config_validate)
     with_file(cfg.add_parser("show", help="print the config with every default filled in")).set_defaults(fn=cmd_config_show)
+    ref = cfg.add_parser("reference", help="print every config field with its type, default and meaning (markdown)")
+    ref.add_argument("--write", metavar="README", help="replace the generated block of this file instead of printing")
+    ref.set_defaults(fn=cmd_config_reference)
 
     tm = sub.add_parser("tiny-model", help="write a tiny Llama + tokenizer for tests and the quickstart")
     tm.add_argument("dir")
@@ -384,8 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--no-color", action="store_true", help="mark spans with [[ ]] even on a terminal")
     di.set_defaults(fn=cmd_data_inspect)
 
-    qs = sub.add_parser("quickstart", help="tiny model + sample data, end to end on this machine")
-    qs.add_argument("--workdir", default="runs", help="where the tiny model (DIR/tiny-model) and the run (DIR/quickstart) go")
+    qs = sub.add_parser("quickstart", help="tiny model + sample data: tune, merge, register, serve, one chat request")
+    qs.add_argument("--workdir", default="runs", help="where the tiny model (DIR/tiny-model), the runs and the registry go")
+    qs.add_argument("--port", type=int, help="HTTP port to serve on (default: a free loopback port)")
     qs.set_defaults(fn=cmd_quickstart)
 
     tr = with_file(sub.add_parser("train", help="LoRA fine-tuning on Ray Train with DeepSpeed; resumes a stopped run"))
@@ -477,6 +479,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .config import ConfigError
 
     args = build_parser().parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # progress lines reach `ray job logs` and pipes as they happen
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         return args.fn(args)
     except (ConfigError, SourceError, TemplateError, UserError) as e:

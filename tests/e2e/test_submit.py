@@ -6,12 +6,11 @@ free loopback port picked here, each node with its own short temp dir, HOME poin
 token is generated the way a user does it (`ray get-auth-token --generate`, into that HOME) and both
 nodes start with RAY_AUTH_MODE=token, so an unauthenticated request is refused (checked).
 
-The job is submitted twice: with the real `ray job submit` CLI (which sends the token when
-RAY_AUTH_MODE=token) and with `rayft submit` (which finds the token by itself). Both must succeed and
-write their outputs. The nodes are stopped by the process ids of the processes they started (found by
-their private temp dir in /proc), never by `ray stop`.
-
-`ENTRYPOINT` is the command under test; it becomes `train` once that is the job to prove.
+Two jobs are submitted: the training job (`train`) with the real `ray job submit` CLI (which sends the token
+when RAY_AUTH_MODE=token), and the whole pipeline (`run`: data, train, export + merge, register + promote) with
+`rayft submit` (which finds the token by itself). Both must succeed, leave their artifacts in the run folder
+and a new version in the MLflow registry (SQLite under the storage path). The nodes are stopped by the process
+ids of the processes they started (found by their private temp dir in /proc), never by `ray stop`.
 """
 from __future__ import annotations
 
@@ -30,20 +29,23 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 RAYFT = str(VENV_BIN / "rayft")
 CONFIG = "examples/quickstart.yaml"
-# The job under test: the rayft command (run as `python -m cluster.cli <ENTRYPOINT> CONFIG --set ...`), extra
-# overrides, what it must leave in the run folder (<storage>/quickstart) and a line its log must hold.
-# For training: ENTRYPOINT = ("train",), JOB_SETS = ("train.max_steps=4",), outputs and marker to match.
-ENTRYPOINT = ("data", "prepare")
-JOB_SETS: tuple = ()
-EXPECTED_OUTPUTS = ("data/report.json", "data/rejects.jsonl", "data/train")
-LOG_MARKER = "wrote "
-JOB_TIMEOUT_S = 150
+# The jobs under test run `python -m cluster.cli <command> CONFIG --set ...` on the cluster: a short training
+# run on the tiny model (2 workers, ZeRO-2, 4 steps), without the quickstart's search.
+TRAIN_JOB = ("train",)
+RUN_JOB = ("run",)
+JOB_SETS = ("tune=null", "data.max_seq_length=256", "train.max_steps=4", "train.eval_every_n_steps=2",
+            "train.save_every_n_steps=2", "train.warmup_steps=0")
+# What a training run leaves in <storage>/quickstart, and what `run` adds.
+TRAIN_OUTPUTS = ("rayft_run.json", "data_report.json", "rejects.jsonl", "adapter/adapter_model.safetensors")
+RUN_OUTPUTS = TRAIN_OUTPUTS + ("export/adapter/adapter_model.safetensors", "export/merged/config.json")
+LOG_MARKER = "step 4/4"  # the training progress, followed live
+JOB_TIMEOUT_S = 420
 
 
 def _free_ports(n: int) -> list[int]:
@@ -213,18 +215,28 @@ def cluster():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _job_args(model_dir: str, storage: Path) -> list[str]:
+def _job_args(command: tuple, model_dir: str, storage: Path) -> list[str]:
     sets = [f"model.name_or_path={model_dir}", f"storage_path={storage}", *JOB_SETS]
-    return [*ENTRYPOINT, CONFIG, *[a for kv in sets for a in ("--set", kv)]]
+    return [*command, CONFIG, *[a for kv in sets for a in ("--set", kv)]]
 
 
-def _check_outputs(storage: Path) -> None:
+def _check_outputs(storage: Path, expected: tuple) -> list[dict]:
+    """The run folder's files, the rejects (the sample data has bad rows), and the registry's versions."""
+    from mlflow.tracking import MlflowClient
+
     run_dir = storage / "quickstart"
-    for rel in EXPECTED_OUTPUTS:
+    for rel in expected:
         assert (run_dir / rel).exists(), f"{run_dir / rel} missing; run folder holds {sorted(os.listdir(run_dir))}"
-    report = run_dir / "data" / "report.json"
-    if report.exists():
-        assert json.loads(report.read_text())["outputs"]["rejects_rows"] > 0  # the sample data has bad rows
+    rejects = (run_dir / "rejects.jsonl").read_text().splitlines()
+    assert rejects and all(json.loads(line)["reason"] for line in rejects)
+    run = json.loads((run_dir / "rayft_run.json").read_text())
+    assert run["status"] == "finished" and run["metrics"]["global_step"] == 4, run
+    client = MlflowClient(tracking_uri=f"sqlite:///{storage}/mlflow.db", registry_uri=f"sqlite:///{storage}/mlflow.db")
+    versions = client.search_model_versions("name = 'quickstart'")
+    assert versions, f"no registered version of 'quickstart' in {storage}/mlflow.db"
+    for v in versions:
+        assert v.run_id == run["mlflow_run_id"] and v.tags["base_model"] == str(Path(run["config"]["model"]["name_or_path"]))
+    return [dict(version=v.version, tags=dict(v.tags), aliases=list(getattr(v, "aliases", []) or [])) for v in versions]
 
 
 def test_unauthenticated_requests_are_refused(cluster):
@@ -247,23 +259,36 @@ def test_ray_job_submit_cli(cluster, repo_root, tiny_model_dir, tmp_path):
     env = dict(cluster.env, RAY_AUTH_MODE="token")  # Ray's CLI attaches the token in token mode
     cmd = [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(repo_root),
            "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git", "mlruns"]}),
-           "--", "python", "-m", "cluster.cli", *_job_args(tiny_model_dir, storage)]
+           "--", "python", "-m", "cluster.cli", *_job_args(TRAIN_JOB, tiny_model_dir, storage)]
     out = _run(cmd, env, JOB_TIMEOUT_S, cwd=repo_root)
     assert out.returncode == 0, f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
     assert "succeeded" in out.stdout.lower(), out.stdout[-2000:]
-    _check_outputs(storage)
+    assert LOG_MARKER in out.stdout, out.stdout[-3000:]
+    versions = _check_outputs(storage, TRAIN_OUTPUTS)
+    assert [v["tags"]["kind"] for v in versions] == ["adapter"], versions  # `train` registers its adapter
 
 
 def test_rayft_submit_and_jobs(cluster, repo_root, tiny_model_dir, tmp_path):
     storage = tmp_path / "runs-rayft"
     env = dict(cluster.env)  # no RAY_AUTH_MODE: rayft finds the token in ~/.ray/auth_token by itself
     out = _run([RAYFT, "submit", CONFIG, "--address", cluster.dashboard, "--timeout-s", str(JOB_TIMEOUT_S), "--",
-                *[a for a in _job_args(tiny_model_dir, storage) if a != CONFIG]], env, JOB_TIMEOUT_S + 30, cwd=repo_root)
+                *[a for a in _job_args(RUN_JOB, tiny_model_dir, storage) if a != CONFIG]], env, JOB_TIMEOUT_S + 30,
+               cwd=repo_root)
     assert out.returncode == 0, f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
     job_id = next(line.split()[2] for line in out.stdout.splitlines() if line.startswith("submitted job "))
     assert f"job {job_id}: SUCCEEDED" in out.stdout
     assert LOG_MARKER in out.stdout  # the job's own output, followed live
-    _check_outputs(storage)
+    for stage in ("[1/5 data]", "[2/5 train]", "[3/5 export]", "[4/5 register]", "[5/5 serve]"):
+        assert stage in out.stdout, f"{stage} missing from the job's output:\n{out.stdout[-3000:]}"
+    versions = _check_outputs(storage, RUN_OUTPUTS)
+    # `run` registers the merged model only, and the first version becomes champion (there was none).
+    assert [v["tags"]["kind"] for v in versions] == ["merged"], versions
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{storage}/mlflow.db"
+    champion = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias("quickstart", "champion")
+    assert champion.version == versions[0]["version"] and float(champion.tags["eval_loss"]) > 0
+    assert "quickstart v1 -> @champion" in out.stdout, out.stdout[-3000:]
 
     listed = _run([RAYFT, "jobs", "list", "--address", cluster.dashboard], env, 60)
     assert listed.returncode == 0 and job_id in listed.stdout, listed.stdout + listed.stderr
@@ -279,12 +304,12 @@ def test_rayft_submit_no_wait_then_stop_and_failure_exit_code(cluster, repo_root
     """--no-wait returns at once; `jobs stop` ends a job; a failing job gives a non-zero exit code."""
     env = dict(cluster.env)
     bad = _run([RAYFT, "submit", CONFIG, "--address", cluster.dashboard, "--timeout-s", "120", "--",
-                *[a for a in _job_args(str(tmp_path / "no-model-here"), tmp_path) if a != CONFIG]],
+                *[a for a in _job_args(TRAIN_JOB, str(tmp_path / "no-model-here"), tmp_path) if a != CONFIG]],
                env, 150, cwd=repo_root)
     assert bad.returncode == 1 and "FAILED" in bad.stdout, bad.stdout[-3000:] + bad.stderr[-2000:]
 
     started = _run([RAYFT, "submit", CONFIG, "--address", cluster.dashboard, "--no-wait", "--",
-                    *[a for a in _job_args(tiny_model_dir, tmp_path / "stopped") if a != CONFIG]], env, 60, cwd=repo_root)
+                    *[a for a in _job_args(TRAIN_JOB, tiny_model_dir, tmp_path / "stopped") if a != CONFIG]], env, 60, cwd=repo_root)
     assert started.returncode == 0, started.stdout + started.stderr
     job_id = next(line.split()[2] for line in started.stdout.splitlines() if line.startswith("submitted job "))
     stopped = _run([RAYFT, "jobs", "stop", job_id, "--address", cluster.dashboard], env, 60)
