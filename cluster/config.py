@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from data.config import DataConfig
 from serve.config import ServeConfig
 from train.config import ModelConfig, TrackingConfig, TrainConfig
+from train.security import SecurityConfig
 from tune.config import TuneConfig
 
 
@@ -52,6 +53,11 @@ class RayftConfig(BaseModel):
     )
     serve: ServeConfig = Field(
         default_factory=ServeConfig, description="OpenAI-compatible serving on Ray Serve (serve/config.py)."
+    )
+    security: SecurityConfig = Field(
+        default_factory=SecurityConfig,
+        description="Artifacts at rest (manifest, AES-256-GCM encryption), safetensors-only loading, the access "
+        "policy and the audit log (train/security.py).",
     )
 
     @model_validator(mode="after")

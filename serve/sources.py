@@ -28,20 +28,25 @@ def resolve(uri: str, tracking_uri: Optional[str] = None, cache_dir: Optional[st
     dst = cache_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), "rayft-serve-cache")
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in uri)
     target = os.path.join(dst, safe)
-    if os.path.isfile(os.path.join(target, ".complete")):
+    # The marker sits beside the folder, not in it: a file added to an exported folder fails its manifest.
+    marker = target.rstrip("/") + ".complete"
+    if os.path.isfile(marker):
         return _model_root(target)
     os.makedirs(target, exist_ok=True)
     try:
         path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=target)
     except Exception as e:  # noqa: BLE001 - mlflow raises many kinds; the message says which URI failed
         raise FileNotFoundError(f"could not fetch {uri!r} (tracking URI {tracking_uri!r}): {e}") from None
-    open(os.path.join(target, ".complete"), "w").close()
+    open(marker, "w").close()
     return _model_root(path)
 
 
 def _model_root(path: str) -> str:
-    """The folder with config.json or adapter_config.json (registry artifacts may add one level)."""
+    """The folder with config.json, adapter_config.json or a rayft manifest (an encrypted export); registry
+    artifacts may add one level."""
+    from train.artifacts import MANIFEST
+
     for root, _dirs, files in os.walk(path):
-        if "config.json" in files or "adapter_config.json" in files:
+        if {"config.json", "adapter_config.json", MANIFEST} & set(files):
             return root
     return path

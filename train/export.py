@@ -5,6 +5,10 @@
     DIR/merged    with --merge: base + adapter folded into plain weights (safetensors) and the tokenizer;
                   loads with `AutoModelForCausalLM.from_pretrained(DIR/merged)`
 
+Both folders end with a manifest (`rayft-manifest.json`, the SHA-256 of every file) and, with
+`security.encrypt_artifacts`, are encrypted at rest (train/artifacts.py); the security settings are the run's own
+(its config), unless the caller passes others.
+
 The merge is checked: on a probe batch, the logits of the merged model (as saved and reloaded) must match
 base+adapter within  max|merged - peft| <= atol + rtol * max|peft|  (fp32: atol 1e-4, rtol 1e-5;
 bf16/fp16: atol 5e-2, rtol 1e-2). A mismatch raises ExportError and leaves no merged folder behind.
@@ -16,8 +20,10 @@ import shutil
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from .artifacts import finish_export, opened_for_load
 from .checkpoint import ADAPTER_DIR, best_and_latest, check_checkpoint
 from .config import ModelConfig
+from .security import SecurityConfig
 
 TOLERANCE = {"float32": (1e-4, 1e-5), "bfloat16": (5e-2, 1e-2), "float16": (5e-2, 1e-2)}
 PROBE_TEXTS = [
@@ -61,24 +67,32 @@ def find_adapter(run_dir: str, which: str = "best") -> str:
 
 
 def export_run(run_dir: str, out_dir: str, merge: bool = False, which: str = "best",
-               log: Callable[[str], None] = print, register: Optional[str] = None) -> ExportResult:
+               log: Callable[[str], None] = print, register: Optional[str] = None,
+               security: Optional[SecurityConfig] = None) -> ExportResult:
     from .trainer import read_run_file
 
     run = read_run_file(run_dir)
     model_cfg = ModelConfig.model_validate(run["config"]["model"])
+    if security is None:
+        security = SecurityConfig.model_validate(run["config"].get("security") or {})
     source = find_adapter(run_dir, which)
     adapter_out = os.path.join(out_dir, "adapter")
     shutil.rmtree(adapter_out, ignore_errors=True)
     shutil.copytree(source, adapter_out)
-    tokenizer = _load_tokenizer(model_cfg)
+    tokenizer = _load_tokenizer(model_cfg, security)
     tokenizer.save_pretrained(adapter_out)
     log(f"adapter from {source} -> {adapter_out}")
     result = ExportResult(adapter_out, None, None, None)
     if merge:
         merged_out = os.path.join(out_dir, "merged")
-        diff, tol = merge_adapter(model_cfg, adapter_out, merged_out, tokenizer)
+        diff, tol = merge_adapter(model_cfg, adapter_out, merged_out, tokenizer, security)
         log(f"merged model -> {merged_out} (logits vs base+adapter: max |diff| {diff:.2e} <= {tol:.2e})")
         result = ExportResult(adapter_out, merged_out, diff, tol)
+    # Last: the manifest (and encryption) once nothing more is written into the folders.
+    for folder in filter(None, (adapter_out, result.merged_dir)):
+        encrypted = finish_export(folder, security)
+        log(f"{folder}: manifest written" + (f", encrypted with AES-256-GCM (key from {security.key_source()})"
+                                             if encrypted else ""))
     if register:
         result.registered = register_export(run, result, register)
         log(f"registered {register} version {result.registered.version} ({'merged' if merge else 'adapter'})")
@@ -104,15 +118,20 @@ def register_export(run: dict, result: ExportResult, name: str):
         "eval_loss": metrics.get("eval_loss"), "git_commit": None})
 
 
-def _load_tokenizer(model_cfg: ModelConfig):
+def _load_tokenizer(model_cfg: ModelConfig, security: Optional[SecurityConfig] = None):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_cfg.tokenizer_name_or_path, revision=model_cfg.revision,
-                                         trust_remote_code=model_cfg.trust_remote_code)
+    with opened_for_load(model_cfg.tokenizer_name_or_path, security) as path:
+        return AutoTokenizer.from_pretrained(path, revision=model_cfg.revision,
+                                             trust_remote_code=model_cfg.trust_remote_code)
 
 
-def merge_adapter(model_cfg: ModelConfig, adapter_dir: str, merged_out: str, tokenizer) -> tuple[float, float]:
-    """Fold the adapter into the base, save it, reload it, and check its logits. Returns (max diff, allowed)."""
+def merge_adapter(model_cfg: ModelConfig, adapter_dir: str, merged_out: str, tokenizer,
+                  security: Optional[SecurityConfig] = None) -> tuple[float, float]:
+    """Fold the adapter into the base, save it, reload it, and check its logits. Returns (max diff, allowed).
+
+    The base and the adapter are opened through train/artifacts (manifest checked, decrypted, no pickle files);
+    the merged folder is written in plain text: the caller finishes it (manifest, encryption)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -120,10 +139,14 @@ def merge_adapter(model_cfg: ModelConfig, adapter_dir: str, merged_out: str, tok
     if model_cfg.quantization != "none":
         raise ExportError("merging into a quantized base is lossy; export with model.quantization: none (full-precision base)")
     dtype = model_cfg.dtype if model_cfg.dtype != "auto" else "float32"  # merging runs on CPU
-    base = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision,
-                                                trust_remote_code=model_cfg.trust_remote_code,
-                                                dtype=getattr(torch, dtype), use_safetensors=True)
-    peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    with opened_for_load(model_cfg.name_or_path, security) as base_path:
+        base = AutoModelForCausalLM.from_pretrained(base_path, revision=model_cfg.revision,
+                                                    trust_remote_code=model_cfg.trust_remote_code,
+                                                    dtype=getattr(torch, dtype),
+                                                    use_safetensors=None if security and security.allow_pickle_weights
+                                                    else True)
+    with opened_for_load(adapter_dir, security) as adapter_path:
+        peft_model = PeftModel.from_pretrained(base, adapter_path).eval()
     probe = probe_batch(tokenizer)
     with torch.no_grad():
         expected = peft_model(**probe).logits.float()

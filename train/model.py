@@ -50,7 +50,9 @@ def check_quantization(model: ModelConfig, train: TrainConfig) -> None:
         )
 
 
-def load_base_model(model: ModelConfig, dtype: str, device_map=None):
+def load_base_model(model: ModelConfig, dtype: str, device_map=None, allow_pickle: bool = False):
+    """`from_pretrained` with safetensors only; `allow_pickle` (security.allow_pickle_weights) lets transformers
+    fall back to pickle weights."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -59,7 +61,7 @@ def load_base_model(model: ModelConfig, dtype: str, device_map=None):
         trust_remote_code=model.trust_remote_code,
         dtype=getattr(torch, dtype),
         attn_implementation=model.attn_implementation,
-        use_safetensors=True,
+        use_safetensors=None if allow_pickle else True,
     )
     if model.quantization != "none":
         from transformers import BitsAndBytesConfig
