@@ -15,7 +15,7 @@
     rayft serve FILE [--set k=v ...] | rayft serve --model PATH|models:/NAME@champion [--adapter NAME=PATH ...]
 
     rayft plan FILE [--cluster cluster.yaml] [--json] [--set k=v ...]
-    rayft submit FILE [--address URL] [--no-wait] -- train|tune|run|data prepare [--set k=v ...]
+    rayft submit FILE [--address URL] [--no-wait] -- train|tune|run|serve|data prepare [--set k=v ...]
     rayft jobs list | status ID | logs ID [--follow] | stop ID [--address URL]
 
 Exit codes: 0 success, 2 a usage or config error (the message says what to fix), 1 anything else.
@@ -63,7 +63,10 @@ def cmd_config_reference(args) -> int:
     from .reference import render_reference, write_into
 
     if args.write:
-        changed = write_into(args.write)
+        try:
+            changed = write_into(args.write)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--write {args.write}: {e}") from None
         print(f"{args.write}: config reference {'updated' if changed else 'already up to date'}")
     else:
         print(render_reference(), end="")
@@ -156,9 +159,11 @@ def cmd_train(args) -> int:
     """Prepare the data, train on Ray (DeepSpeed + LoRA), track in MLflow, register the adapter."""
     from train.trainer import USER_ERRORS, check_before_start, run_training
 
+    from .access import require
     from .ray_conn import connect
 
     cfg = _load(args)
+    require(cfg, "train", f"run {cfg.name} (model {cfg.model.name_or_path})")
     try:
         check_before_start(cfg.model, cfg.train)  # config mistakes surface before Ray starts
         print(connect(cfg.ray.address, cfg.ray.num_cpus))
@@ -184,11 +189,16 @@ def cmd_tune(args) -> int:
     from tune.search import run_search
     from tune.space import SearchSpaceError
 
+    from .access import require
     from .ray_conn import connect
 
     cfg = _load(args)
     if cfg.tune is None:
         raise UserError(f"{args.file}: no `tune:` section; add one with a search_space (see examples/quickstart.yaml)")
+    require(cfg, "tune", f"search {cfg.name} (model {cfg.model.name_or_path})")
+    if cfg.tracking.enabled and cfg.tune.promotion.policy != "never":  # the search may crown a champion at its end
+        name = cfg.tracking.register_model if cfg.tracking.register_model is not None else cfg.name
+        require(cfg, "promote", f"models:/{name}@champion")
     try:
         check_before_start(cfg.model, cfg.train)  # the search space was checked when the config loaded
         print(connect(cfg.ray.address, cfg.ray.num_cpus))
@@ -241,10 +251,20 @@ def _registry_uri(args) -> str:
 
 
 def cmd_models(args) -> int:
-    """The MLflow registry: list versions, promote one to an alias, roll an alias back."""
-    from train.registry import RegistryError, list_versions, promote, rollback
+    """The MLflow registry: list versions, promote one to an alias, roll an alias back, delete a version.
+    Changes are checked against the access policy (cluster/access.py) and audited."""
+    from train.registry import RegistryError, delete_version, list_versions, promote, rollback
+
+    from .access import require
 
     uri = _registry_uri(args)
+    security = _load(args).security if args.file else None  # None: defaults + RAYFT_POLICY_FILE / RAYFT_AUDIT_LOG
+    if args.action == "promote":
+        require(security, "promote", f"models:/{args.name}/{args.version}@{args.alias}")
+    elif args.action == "rollback":
+        require(security, "rollback", f"models:/{args.name}@{args.alias}")
+    elif args.action == "delete":
+        require(security, "delete", f"models:/{args.name}/{args.version}")
     try:
         if args.action == "list":
             versions = list_versions(uri, args.name)
@@ -257,6 +277,9 @@ def cmd_models(args) -> int:
         elif args.action == "promote":
             before = promote(uri, args.name, args.version, args.alias)
             print(f"{args.name}@{args.alias} -> v{args.version}" + (f" (was v{before})" if before else ""))
+        elif args.action == "delete":
+            delete_version(uri, args.name, args.version)
+            print(f"{args.name} v{args.version} deleted")
         else:
             was, now = rollback(uri, args.name, args.alias)
             print(f"{args.name}@{args.alias} rolled back: v{was} -> v{now}")
@@ -266,12 +289,19 @@ def cmd_models(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from train.artifacts import ArtifactError
     from train.export import ExportError, export_run
-    from train.trainer import TrainingError
+    from train.security import SecurityConfig
+    from train.trainer import TrainingError, read_run_file
+
+    from .access import require
 
     try:
+        if args.register:  # a new registry version, as `rayft train` registers its adapter: the `train` action
+            security = SecurityConfig.model_validate(read_run_file(args.run)["config"].get("security") or {})
+            require(security, "train", f"models:/{args.register} (new version from {args.run})")
         export_run(args.run, args.out, merge=args.merge, which=args.checkpoint, register=args.register)
-    except (ExportError, TrainingError) as e:
+    except (ExportError, TrainingError, ArtifactError) as e:
         raise UserError(str(e)) from None
     return 0
 
@@ -300,11 +330,12 @@ def cmd_serve(args) -> int:
         if not sep or not name or not path:
             raise UserError(f"--adapter {item!r}: expected NAME=PATH, for example --adapter support=runs/support/export/adapter")
         adapters[name] = path
-    address, num_cpus, tracking = None, None, args.tracking_uri
+    address, num_cpus, tracking, security = None, None, args.tracking_uri, None
     if args.file:
         from train.tracking import tracking_uri
 
         cfg = _load(args)
+        security = cfg.security
         raw = cfg.serve.model_dump(exclude_unset=True)
         model = args.model or cfg.serve.model or cfg.model.name_or_path
         address, num_cpus = cfg.ray.address, cfg.ray.num_cpus
@@ -320,10 +351,14 @@ def cmd_serve(args) -> int:
         scfg = ServeConfig.model_validate(raw)
     except ValidationError as e:
         raise UserError(format_validation_error(e, args.file or "rayft serve", ServeConfig)) from None
+    from .access import require
+
+    require(security, "deploy", f"{model}" + (f" with adapters {', '.join(sorted(scfg.adapters))}" if scfg.adapters else "")
+            + f" on {scfg.host}:{scfg.port}")
     print(connect(address, num_cpus))
     from serve.app import run_server
 
-    return run_server(scfg, model, tracking, smoke_test=args.smoke_test)
+    return run_server(scfg, model, tracking, smoke_test=args.smoke_test, security=security)
 
 
 def cmd_plan(args) -> int:
@@ -407,16 +442,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="promotion policy for the new version (default: tune.promotion.policy, else better_eval_loss)")
     rn.set_defaults(fn=cmd_run)
 
-    mo = sub.add_parser("models", help="the model registry: list, promote, rollback").add_subparsers(
+    mo = sub.add_parser("models", help="the model registry: list, promote, rollback, delete").add_subparsers(
         dest="action", required=True, metavar="ACTION")
     for action, helptext in (("list", "versions with their aliases and eval loss"),
                              ("promote", "point an alias (default champion) at a version"),
-                             ("rollback", "move an alias back to the version it had before")):
+                             ("rollback", "move an alias back to the version it had before"),
+                             ("delete", "delete a version that no alias points at")):
         mp = mo.add_parser(action, help=helptext)
         mp.add_argument("name", help="registered model name")
-        if action == "promote":
+        if action in ("promote", "delete"):
             mp.add_argument("version", help="version number")
-        if action != "list":
+        if action in ("promote", "rollback"):
             mp.add_argument("--alias", default="champion")
         mp.add_argument("--tracking-uri", help="MLflow tracking/registry URI")
         mp.add_argument("--config", dest="file", help="take the registry from this run config instead")
@@ -452,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the figures as JSON")
     pl.set_defaults(fn=cmd_plan)
     sm = sub.add_parser("submit", help="run a rayft command on a Ray cluster as a job: rayft submit FILE -- train",
-                        usage="rayft submit FILE [--address URL] [--no-wait] [--env K=V] -- train|tune|run|data prepare [ARGS]")
+                        usage="rayft submit FILE [--address URL] [--no-wait] [--env K=V] -- train|tune|run|serve|data prepare [ARGS]")
     sm.add_argument("file", help="the run's YAML config (inside the project folder, which is uploaded)")
     add_submit_options(sm)
     sm.add_argument("rest", nargs=argparse.REMAINDER, help="-- then the rayft command and its options")
@@ -475,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     from data.chat import TemplateError
     from data.formats import SourceError
+    from train.access import AccessDenied, PolicyError
+    from train.security import ArtifactKeyError
 
     from .config import ConfigError
 
@@ -483,7 +521,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         sys.stdout.reconfigure(line_buffering=True)
     try:
         return args.fn(args)
-    except (ConfigError, SourceError, TemplateError, UserError) as e:
+    except (ConfigError, SourceError, TemplateError, UserError, AccessDenied, PolicyError, ArtifactKeyError) as e:
         _err(str(e))
         return EXIT_USAGE
     except KeyboardInterrupt:

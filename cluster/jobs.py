@@ -1,6 +1,6 @@
 """`rayft submit` and `rayft jobs`: rayft commands as Ray jobs, through Ray's job submission API.
 
-    rayft submit FILE [--address URL] [--no-wait] -- train|tune|run|data prepare ... [--set k=v]
+    rayft submit FILE [--address URL] [--no-wait] -- train|tune|run|serve|data prepare ... [--set k=v]
     rayft jobs list | status ID | logs ID [--follow] | stop ID   [--address URL]
 
 A job runs `python -m cluster.cli <command> FILE ...` on the cluster's head, with the project folder
@@ -34,7 +34,7 @@ WORKING_DIR_EXCLUDES = [
     ".pytest_cache", ".hypothesis", ".ruff_cache", ".mypy_cache",
 ]
 # Commands that take a config file, and how many words name them before FILE.
-_FILE_COMMANDS = {"train": 1, "tune": 1, "run": 1, "data": 2, "config": 2, "plan": 1}
+_FILE_COMMANDS = {"train": 1, "tune": 1, "run": 1, "serve": 1, "data": 2, "config": 2, "plan": 1}
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
