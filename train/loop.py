@@ -70,6 +70,7 @@ def train_loop_per_worker(config: dict) -> None:
             with open(os.path.join(path, "rng", f"rank{rank}.json")) as f:
                 set_rng_state(json.load(f))
             say(f"resumed from {os.path.basename(path)} at step {state['global_step']}")
+    last_saved = [path]  # the newest checkpoint known to be intact, for error messages
     start_step = state["global_step"]
 
     train_rows = ray.train.get_dataset_shard("train")
@@ -114,10 +115,26 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics)
             return
         local = tempfile.mkdtemp(prefix=f"rayft-ckpt-r{rank}-")
+        name = checkpoint_dir_name(state["global_step"])
         try:
-            write_rank_part(engine, local, rank, world, train.deepspeed.zero_stage, dict(state))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
-                             checkpoint_dir_name=checkpoint_dir_name(state["global_step"]))
+            try:
+                write_rank_part(engine, local, rank, world, train.deepspeed.zero_stage, dict(state))
+            except OSError as e:
+                raise RuntimeError(f"cannot write checkpoint step {state['global_step']} to the local folder "
+                                   f"{local} ({e}); free space in {tempfile.gettempdir()}") from e
+            try:
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
+                                 checkpoint_dir_name=name)
+            except OSError as e:
+                # Ray copies into the destination folder directly; a half-copied folder has no complete set
+                # of manifests, so it is never resumed from. Say where, and what is still safe.
+                previous = f"the last intact one is {last_saved[0]}" if last_saved[0] else "none was saved before"
+                raise RuntimeError(
+                    f"cannot write checkpoint step {state['global_step']} to {os.path.join(run_dir, name)} "
+                    f"({type(e).__name__}: {e}). The checkpoints written before it are untouched ({previous}); "
+                    f"make the storage writable (permissions, free space, the folder's name taken by a file) "
+                    f"and run again with --resume") from e
+            last_saved[0] = os.path.join(run_dir, name)
         finally:
             shutil.rmtree(local, ignore_errors=True)
 
