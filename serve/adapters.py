@@ -11,6 +11,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from train.artifacts import opened_for_load
+
 
 class UnknownAdapter(KeyError):
     pass
@@ -36,7 +38,7 @@ def find_adapters(adapters: dict[str, str], adapters_dir: Optional[str]) -> dict
             raise FileNotFoundError(f"serve.adapters_dir: {adapters_dir!r} is not a folder; create it or unset it")
         for entry in sorted(os.listdir(adapters_dir)):
             path = os.path.join(adapters_dir, entry)
-            if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            if any(os.path.isfile(os.path.join(path, f)) for f in ("adapter_config.json", "adapter_config.json.enc")):
                 found[entry] = path
     found.update(adapters)
     return found
@@ -60,9 +62,11 @@ class CacheStats:
 
 class AdapterCache:
     def __init__(self, base_model, catalogue: dict[str, str], capacity: int,
-                 resolve: Callable[[str], str] = lambda p: p, on_event: Optional[Callable[[str, str, float], None]] = None):
+                 resolve: Callable[[str], str] = lambda p: p, on_event: Optional[Callable[[str, str, float], None]] = None,
+                 security=None):
         self.base = base_model
         self.catalogue = dict(catalogue)
+        self.security = security  # train.security.SecurityConfig: manifest check, decryption, no pickle files
         self.capacity = capacity
         self.resolve = resolve
         self.on_event = on_event or (lambda kind, name, seconds: None)
@@ -104,11 +108,12 @@ class AdapterCache:
         t0 = time.perf_counter()
         try:
             path = self.resolve(self.catalogue[name])
-            if self.peft is None:
-                self.peft = PeftModel.from_pretrained(self.base, path, adapter_name=peft_name(name),
-                                                      is_trainable=False).eval()
-            else:
-                self.peft.load_adapter(path, adapter_name=peft_name(name), is_trainable=False)
+            with opened_for_load(path, self.security) as local:
+                if self.peft is None:
+                    self.peft = PeftModel.from_pretrained(self.base, local, adapter_name=peft_name(name),
+                                                          is_trainable=False).eval()
+                else:
+                    self.peft.load_adapter(local, adapter_name=peft_name(name), is_trainable=False)
         except Exception as e:  # noqa: BLE001 - any loader error becomes one that names the adapter
             raise AdapterLoadError(
                 f"adapter {name!r} ({self.catalogue[name]}) could not be loaded: {type(e).__name__}: {e}. Check that "

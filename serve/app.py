@@ -106,7 +106,11 @@ class _Metrics:
 @serve.deployment(name="rayft-openai")
 @serve.ingress(api)
 class OpenAIServer:
-    def __init__(self, serve_cfg: dict, model_path: str, tracking_uri: Optional[str] = None):
+    def __init__(self, serve_cfg: dict, model_path: str, tracking_uri: Optional[str] = None,
+                 security_cfg: Optional[dict] = None):
+        from train.access import AuditLog, load_policy
+        from train.security import SecurityConfig
+
         from .adapters import find_adapters
         from .auth import KeyStore
         from .engine import Engine, set_threads
@@ -114,12 +118,17 @@ class OpenAIServer:
 
         cfg = ServeConfig.model_validate(serve_cfg)
         self.cfg = cfg
+        # Resolved by the driver (build_app): the policy and audit paths do not depend on the replica's environment.
+        self.security = SecurityConfig.model_validate(security_cfg or {})
+        self.policy = load_policy(self.security.policy_file) if self.security.policy_file else None
+        self.audit = AuditLog(self.security.audit_log) if self.security.audit_log else None
         set_threads(cfg.torch_threads or max(1, int(cfg.num_cpus_per_replica)))
         self._resolve = lambda uri: resolve(uri, tracking_uri)
         self.name = served_name(cfg, model_path)
         self.metrics = _Metrics()
         common = dict(mixed_adapter_batches=cfg.mixed_adapter_batches, quantization=cfg.quantization,
                       min_agreement=cfg.quantization_min_agreement, resolve=self._resolve, seed=cfg.seed,
+                      security=self.security,
                       log=lambda m: print(f"[rayft serve] {m}", flush=True))
         self.engines = {DEFAULT_VERSION: Engine(
             self._resolve(model_path), adapters=cfg.adapters, adapters_dir=cfg.adapters_dir,
@@ -222,7 +231,11 @@ class OpenAIServer:
 
     # -- one request --------------------------------------------------------------------------------------
     async def _serve(self, request: Request, chat: bool):
-        who = self._auth(request)
+        try:
+            who = self._auth(request)
+        except APIError as e:
+            self._record_infer(False, None, request.url.path, f"HTTP {e.status}: {e.code}")
+            raise
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
@@ -230,10 +243,7 @@ class OpenAIServer:
                            + ("messages" if chat else "prompt")) from None
         req = parse_request(ChatRequest if chat else CompletionRequest, body)
         version, adapter = self._route(req.model)
-        if who is not None and not who.may_use(adapter):
-            what = f"adapter {adapter!r}" if adapter else f"model {self.name!r} without an adapter"
-            raise APIError(403, f"this API key (tenant {who.tenant!r}) may not use {what}; ask for access or use "
-                           f"one of its adapters", param="model", code="adapter_not_allowed")
+        self._check_infer(who, req.model, adapter)
         gen = self._gen_request(req, chat, version, adapter)
         if self.inflight >= self.cfg.max_ongoing_requests:
             raise APIError(503, f"the replica is at serve.max_ongoing_requests={self.cfg.max_ongoing_requests}; "
@@ -335,6 +345,37 @@ class OpenAIServer:
             log.error("batch failed: %s", task.exception())
 
     # -- checks -------------------------------------------------------------------------------------------
+    def _check_infer(self, who, target: str, adapter: Optional[str]) -> None:
+        """The access decision of one inference request (the key's adapters, then the policy's role for its
+        tenant): one audit line, allowed or denied, then a 403 when denied."""
+        from train.access import decide
+
+        tenant = who.tenant if who is not None else "anonymous"  # no keys: loopback only
+        if who is not None and not who.may_use(adapter):
+            self._record_infer(False, tenant, target, "the API key is not bound to this adapter")
+            what = f"adapter {adapter!r}" if adapter else f"model {self.name!r} without an adapter"
+            raise APIError(403, f"this API key (tenant {who.tenant!r}) may not use {what}; ask for access or use "
+                           f"one of its adapters", param="model", code="adapter_not_allowed")
+        if self.policy is None and self.audit is None:
+            return
+        decision = decide(self.policy, tenant, "infer", target, kind="tenant")
+        if self.audit is not None:
+            self.audit.record(decision, "server")
+        if not decision.allowed:
+            raise APIError(403, f"tenant {tenant!r} (role {decision.role or 'none'}) may not run inference on this "
+                           f"endpoint under its access policy; ask the endpoint's admin to give the tenant a role that "
+                           f"allows `infer`", param="model", code="action_not_allowed")
+
+    def _record_infer(self, allowed: bool, tenant: Optional[str], target: str, reason: str) -> None:
+        """Audit a decision made before the policy (authentication, key bindings). Never the key itself."""
+        if self.audit is None:
+            return
+        from train.access import Decision
+
+        policy = self.policy.path if self.policy else None
+        role = self.policy.role_of(tenant, "tenant") if (self.policy and tenant) else None
+        self.audit.record(Decision(allowed, tenant or "-", "tenant", role, "infer", target, reason, policy), "server")
+
     def _auth(self, request: Request):
         if self.keys is None:
             return None
@@ -402,8 +443,15 @@ class OpenAIServer:
                           cancel=threading.Event())
 
 
-def build_app(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = None):
-    """The Serve application for this config (deployment options: replicas, autoscaling, resources)."""
+def build_app(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = None, security=None):
+    """The Serve application for this config (deployment options: replicas, autoscaling, resources).
+
+    `security` (train.security.SecurityConfig): weight checks, decryption, and the inference policy and audit log,
+    with RAYFT_POLICY_FILE / RAYFT_AUDIT_LOG resolved here, in the driver."""
+    from train.security import SecurityConfig
+
+    sec = security or SecurityConfig()
+    sec = sec.model_copy(update={"policy_file": sec.resolved_policy_file, "audit_log": sec.resolved_audit_log})
     opts: dict[str, Any] = dict(
         # Serve lets a few more through than we accept so the replica itself answers 503 + Retry-After.
         max_ongoing_requests=cfg.max_ongoing_requests + 8,
@@ -416,23 +464,23 @@ def build_app(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = N
                                       "target_ongoing_requests": a.target_ongoing_requests}
     else:
         opts["num_replicas"] = cfg.num_replicas
-    return OpenAIServer.options(**opts).bind(cfg.model_dump(), model_path, tracking_uri)
+    return OpenAIServer.options(**opts).bind(cfg.model_dump(), model_path, tracking_uri, sec.model_dump())
 
 
 def start(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = None, app_name: str = "rayft",
-          blocking: bool = False):
+          blocking: bool = False, security=None):
     """Start Serve's HTTP proxy on cfg.host:cfg.port (once per Ray) and deploy the app; returns its handle."""
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    return serve.run(build_app(cfg, model_path, tracking_uri), name=app_name, route_prefix=cfg.route_prefix,
-                     blocking=blocking)
+    return serve.run(build_app(cfg, model_path, tracking_uri, security), name=app_name,
+                     route_prefix=cfg.route_prefix, blocking=blocking)
 
 
 def run_server(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = None, smoke_test: bool = False,
-               log=print) -> int:
+               log=print, security=None) -> int:
     """Deploy and serve until interrupted; with smoke_test, answer one /health and one completion, then stop."""
     import urllib.request
 
-    start(cfg, model_path, tracking_uri)
+    start(cfg, model_path, tracking_uri, security=security)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     base = f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
     name = served_name(cfg, model_path)

@@ -112,12 +112,16 @@ def sample_next(logits, rows: list[_Row]):
     return out
 
 
-def load_model(path: str, quantization: str = "none", log: Callable[[str], None] = print):
-    """A causal LM in fp32 on CPU (safetensors only, no remote code), optionally int8-quantized."""
+def load_model(path: str, quantization: str = "none", log: Callable[[str], None] = print, security=None):
+    """A causal LM in fp32 on CPU (safetensors only unless security.allow_pickle_weights, no remote code),
+    optionally int8-quantized. An exported folder is checked against its manifest and decrypted if encrypted."""
+    from train.artifacts import opened_for_load
     from train.config import ModelConfig
     from train.model import load_base_model
 
-    model = load_base_model(ModelConfig(name_or_path=path), "float32").eval()
+    with opened_for_load(path, security) as local:
+        model = load_base_model(ModelConfig(name_or_path=local), "float32",
+                                allow_pickle=bool(security and security.allow_pickle_weights)).eval()
     if quantization == "int8":
         model = quantize_int8(model)
     return model
@@ -139,16 +143,21 @@ class Engine:
     def __init__(self, model_path: str, adapters: Optional[dict[str, str]] = None, adapters_dir: Optional[str] = None,
                  adapter_cache_size: int = 4, mixed_adapter_batches: bool = True, quantization: str = "none",
                  min_agreement: float = 0.8, resolve: Callable[[str], str] = lambda p: p,
-                 log: Callable[[str], None] = print, on_cache_event=None, seed: int = 0):
+                 log: Callable[[str], None] = print, on_cache_event=None, seed: int = 0, security=None):
         from transformers import AutoTokenizer
 
+        from train.artifacts import opened_for_load
+
         self.model_path = model_path
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        # One opening for tokenizer and weights: the manifest is checked, an encrypted export is decrypted into a
+        # private temporary folder, and that folder is gone once both are in memory.
+        with opened_for_load(model_path, security) as local:
+            self.tokenizer = AutoTokenizer.from_pretrained(local)
+            base = load_model(local, "none", security=security)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.seed = seed
         self.mixed = mixed_adapter_batches
-        base = load_model(model_path, "none")
         self.agreement: Optional[float] = None
         if quantization == "int8":
             q = quantize_int8(base)
@@ -170,7 +179,8 @@ class Engine:
         self.eos_ids = eos_ids
         self.context_length = int(getattr(base.config, "max_position_embeddings", 2048))
         catalogue = find_adapters(adapters or {}, adapters_dir)
-        self.cache = AdapterCache(base, catalogue, adapter_cache_size, resolve=resolve, on_event=on_cache_event) \
+        self.cache = AdapterCache(base, catalogue, adapter_cache_size, resolve=resolve, on_event=on_cache_event,
+                                  security=security) \
             if catalogue else None
 
     # -- batching ------------------------------------------------------------------------------------------

@@ -130,3 +130,18 @@ def rollback(tracking_uri: str, name: str, alias: str = "champion") -> tuple[str
     full[alias] = history  # the rolled-back version leaves the history; promoting it again re-adds it
     _save_history(c, name, full)
     return current, target
+
+
+def delete_version(tracking_uri: str, name: str, version: str) -> None:
+    """Delete a version of `name`; refused while an alias points at it (move or roll back the alias first)."""
+    c = client(tracking_uri)
+    _check_version(c, name, version)
+    aliases = sorted(a for a, v in (getattr(c.get_registered_model(name), "aliases", None) or {}).items()
+                     if str(v) == str(version))
+    if aliases:
+        raise RegistryError(f"{name} v{version} is @{', @'.join(aliases)}; promote another version to "
+                            f"{'them' if len(aliases) > 1 else 'it'} (rayft models promote) or roll back first")
+    c.delete_model_version(name, str(version))
+    history = _history(c, name)  # a rollback must never land on the deleted version
+    if any(str(version) in v for v in history.values()):
+        _save_history(c, name, {a: [x for x in v if x != str(version)] for a, v in history.items()})

@@ -1,0 +1,76 @@
+"""`rayft models promote|rollback|delete` under an access policy, as a user runs them: a researcher is refused
+(exit 2, naming who, the role and the action), an engineer promotes, and every decision is one audit line."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+RAYFT = str(Path(sys.executable).with_name("rayft"))
+POLICY = Path(__file__).resolve().parents[2] / "examples" / "security" / "policy.yaml"
+
+
+def _registry(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from train.registry import register_version
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = c.create_experiment("rayft", artifact_location=f"file://{tmp_path}/mlartifacts")
+    for loss in (2.5, 2.1):
+        run = c.create_run(exp)
+        folder = tmp_path / f"adapter-{loss}"
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text("{}")
+        c.log_artifacts(run.info.run_id, str(folder), artifact_path="adapter")
+        register_version(uri, "bot", run.info.run_id, "adapter", {"kind": "adapter", "eval_loss": loss})
+    return uri, c
+
+
+def test_promote_denied_for_researcher_allowed_for_engineer(tmp_path, monkeypatch):
+    uri, c = _registry(tmp_path)
+    audit = tmp_path / "audit" / "audit.jsonl"
+    env = dict(os.environ, RAYFT_POLICY_FILE=str(POLICY), RAYFT_AUDIT_LOG=str(audit))
+
+    def rayft(user, *args):
+        return subprocess.run([RAYFT, *args, "--tracking-uri", uri], capture_output=True, text=True, timeout=120,
+                              env=dict(env, RAYFT_USER=user))
+
+    out = rayft("carol", "models", "promote", "bot", "2")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "access denied: user 'carol' (role researcher) may not promote models:/bot/2@champion" in out.stderr
+    assert "ask an admin" in out.stderr and str(POLICY) in out.stderr
+    assert not (getattr(c.get_registered_model("bot"), "aliases", None) or {})  # nothing changed
+
+    out = rayft("bob", "models", "promote", "bot", "2")
+    assert out.returncode == 0, out.stderr
+    assert "bot@champion -> v2" in out.stdout
+    assert str(c.get_model_version_by_alias("bot", "champion").version) == "2"
+
+    # The rest in-process through the same entry point (cluster.cli.main), to keep the test short.
+    from cluster.cli import main
+
+    monkeypatch.setenv("RAYFT_POLICY_FILE", str(POLICY))
+    monkeypatch.setenv("RAYFT_AUDIT_LOG", str(audit))
+    monkeypatch.setenv("RAYFT_USER", "carol")
+    assert main(["models", "rollback", "bot", "--tracking-uri", uri]) == 2
+    monkeypatch.setenv("RAYFT_USER", "bob")  # an engineer may not delete
+    assert main(["models", "delete", "bot", "1", "--tracking-uri", uri]) == 2
+    monkeypatch.setenv("RAYFT_USER", "alice")  # an admin may; the champion version itself is protected
+    assert main(["models", "delete", "bot", "2", "--tracking-uri", uri]) == 2
+    assert main(["models", "delete", "bot", "1", "--tracking-uri", uri]) == 0
+    assert [str(v.version) for v in c.search_model_versions("name = 'bot'")] == ["2"]
+
+    got = [json.loads(x) for x in audit.read_text().splitlines()]
+    assert [(x["who"], x["role"], x["action"], x["outcome"]) for x in got] == [
+        ("carol", "researcher", "promote", "denied"),
+        ("bob", "engineer", "promote", "allowed"),
+        ("carol", "researcher", "rollback", "denied"),
+        ("bob", "engineer", "delete", "denied"),
+        ("alice", "admin", "delete", "allowed"),  # allowed by the policy, then refused by the registry
+        ("alice", "admin", "delete", "allowed"),
+    ]
+    assert got[0]["target"] == "models:/bot/2@champion" and got[0]["source"] == "cli"
+    assert all(x["ts"].endswith("Z") for x in got)
+    assert "mlflow.db" not in audit.read_text()  # targets name models, not stores
