@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from .config import ServeConfig
-from .schemas import APIError, ChatRequest, CompletionRequest, parse_request
+from .schemas import APIError, ChatRequest, CompletionRequest, openapi_request_body, parse_request
 
 log = logging.getLogger("rayft.serve")
 VERSION_HEADER = "x-rayft-model-version"
@@ -221,11 +221,12 @@ class OpenAIServer:
                 "batches": self.metrics.batches, "max_batch_seen": self.metrics.max_batch,
                 "mean_batch": self.metrics.rows / max(1, self.metrics.batches)}
 
-    @api.post("/v1/completions")
+    # The body is read and validated by parse_request (400s naming the field); openapi_extra only documents it.
+    @api.post("/v1/completions", openapi_extra=openapi_request_body(CompletionRequest))
     async def completions(self, request: Request):
         return await self._serve(request, chat=False)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=openapi_request_body(ChatRequest))
     async def chat_completions(self, request: Request):
         return await self._serve(request, chat=True)
 

@@ -148,6 +148,25 @@ CompletionRequest.model_rebuild()
 ChatRequest.model_rebuild()
 
 
+def openapi_request_body(kind: type[BaseModel]) -> dict:
+    """The OpenAPI `requestBody` of a route that reads its JSON itself: the model's JSON schema, its $defs inlined
+    (an operation's schema cannot point into its own $defs), so /openapi.json describes the real body."""
+    schema = kind.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline({**defs[ref.removeprefix("#/$defs/")], **{k: v for k, v in node.items() if k != "$ref"}})
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
 def parse_request(kind: type[BaseModel], body: Any) -> BaseModel:
     """Validate a JSON body; the first problem becomes a 400 naming the field, its value and the fix."""
     if not isinstance(body, dict):
