@@ -27,7 +27,7 @@ from .config import DataConfig, SourceConfig
 from .formats import SourceError, detect_format, iter_records, list_files, read_bytes
 from .pack import pack_flat, padding_waste_unpacked, single_flat
 from .redact import PII_KINDS, redact, redact_messages
-from .schemas import SCHEMAS, Reject, apply_column_map, content_key, detect_schema, normalise
+from .schemas import SCHEMAS, Reject, apply_column_map, content_key, detect_schema, normalise, used_columns
 
 PEEK_ROWS = 50
 BLOCK_ROWS = 2048  # rows per block after reading: enough blocks to keep every CPU busy
@@ -183,8 +183,12 @@ def parse_files(batch: pa.Table, plan: dict, redact_pii: bool, raw_limit: int) -
             reason, detail, raw, messages_json, key = rec.reason, rec.detail, rec.raw, "", ""
             counts = None
             if rec.record is not None:
+                # Columns the schema does not read are dropped here, also from the raw text a reject keeps.
+                record = used_columns(rec.record, plan["schema"], src["column_map"])
+                if len(record) != len(rec.record):
+                    raw = json.dumps(record, ensure_ascii=False, default=str)
                 try:
-                    messages = normalise(apply_column_map(rec.record, src["column_map"]), plan["schema"], src["system_prompt"])
+                    messages = normalise(apply_column_map(record, src["column_map"]), plan["schema"], src["system_prompt"])
                     if redact_pii:
                         messages, counts = redact_messages(messages)
                     messages_json = json.dumps(messages, ensure_ascii=False)

@@ -78,6 +78,24 @@ def _looks_like(rec: dict) -> Optional[str]:
     return None
 
 
+# The columns each schema reads (our names, after column_map). Everything else a source has (an `ssn` or
+# `internal_notes` column) is dropped as the row is read, so it never reaches the prepared data, the rejects
+# file, checkpoints or logs.
+USED_COLUMNS = {
+    "openai": ("messages",),
+    "sharegpt": ("conversations", "system"),
+    "alpaca": ("instruction", "input", "output", "system", "history"),
+    "prompt_completion": ("prompt", "completion", "system"),
+    "qa": ("question", "answer", "context", "system"),
+}
+
+
+def used_columns(record: dict, schema: str, column_map: dict[str, str]) -> dict:
+    """The row with only the columns `schema` reads, under their names in the source."""
+    keep = USED_COLUMNS[schema]
+    return {k: v for k, v in record.items() if column_map.get(k, k) in keep}
+
+
 def apply_column_map(record: dict, column_map: dict[str, str]) -> dict:
     if not column_map:
         return record
