@@ -53,7 +53,8 @@ def test_encrypted_export_serves_like_the_plain_one_and_tampering_is_refused(tin
 
     # One flipped byte in the weights: refused before anything is decrypted, naming the file.
     target = os.path.join(merged, "model.safetensors.enc")
-    data = bytearray(open(target, "rb").read())
+    with open(target, "rb") as f:
+        data = bytearray(f.read())
     data[len(data) // 2] ^= 0x40
     with open(target, "wb") as f:
         f.write(bytes(data))
