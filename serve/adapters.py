@@ -1,7 +1,9 @@
-"""The per-replica adapter cache: PEFT adapters loaded on demand into one base model, least recently used out.
+"""The per-replica adapter cache: LoRA adapters loaded on demand into slots of one base model, least recently used out.
 
-All adapters live in one `PeftModel` under their own names, so rows for different adapters share a forward
-pass (`adapter_names=[...]`). The cache only changes between batches: a batch pins the adapters it uses.
+The base model's linear layers are wrapped once (serve/batched_lora.py); each loaded adapter owns a slot, and
+rows for different adapters share one forward pass (one gather + two bmm per layer). The cache only changes
+between batches: a batch pins the adapters it uses. There are `capacity + 1` adapter slots so a new adapter is
+read, checked and written before the least recently used one is cleared: a load that fails evicts nothing.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from typing import Callable, Optional
 
 from train.artifacts import opened_for_load
 
+from .batched_lora import read_adapter, wrap_linears
+
 
 class UnknownAdapter(KeyError):
     pass
@@ -20,14 +24,6 @@ class UnknownAdapter(KeyError):
 
 class AdapterLoadError(RuntimeError):
     """An adapter in the catalogue that cannot be loaded (a server-side problem: 500, naming the adapter)."""
-
-
-def peft_name(name: str) -> str:
-    """The name an adapter has inside PEFT: ours may contain '.' (not allowed in module keys) or be a
-    substring of 'lora_' (which PEFT mistakes for its own prefix), so a stable hash is used instead."""
-    import hashlib
-
-    return "rayft_" + hashlib.sha1(name.encode()).hexdigest()[:12]
 
 
 def find_adapters(adapters: dict[str, str], adapters_dir: Optional[str]) -> dict[str, str]:
@@ -61,26 +57,28 @@ class CacheStats:
 
 
 class AdapterCache:
+    """Adapters by name -> slot of the wrapped base model; slot 0 is the base model itself (no adapter)."""
+
     def __init__(self, base_model, catalogue: dict[str, str], capacity: int,
                  resolve: Callable[[str], str] = lambda p: p, on_event: Optional[Callable[[str, str, float], None]] = None,
                  security=None):
-        self.base = base_model
         self.catalogue = dict(catalogue)
         self.security = security  # train.security.SecurityConfig: manifest check, decryption, no pickle files
         self.capacity = capacity
         self.resolve = resolve
         self.on_event = on_event or (lambda kind, name, seconds: None)
-        self.peft = None  # the PeftModel, made when the first adapter is loaded
-        self.loaded: "OrderedDict[str, None]" = OrderedDict()
+        self.state, self.layers = wrap_linears(base_model, capacity + 2)
+        self.model = base_model
+        self.loaded: "OrderedDict[str, int]" = OrderedDict()  # name -> slot, least recently used first
+        self.free = list(range(1, capacity + 2))
         self.stats = CacheStats()
-
-    @property
-    def model(self):
-        return self.peft if self.peft is not None else self.base
 
     def check(self, name: str) -> None:
         if name not in self.catalogue:
             raise UnknownAdapter(name)
+
+    def slot(self, name: Optional[str]) -> int:
+        return 0 if name is None else self.loaded[name]
 
     def ensure(self, names: list[str]) -> None:
         """Make every adapter in `names` loaded (at most `capacity` distinct names)."""
@@ -97,29 +95,27 @@ class AdapterCache:
             self.stats.misses += 1
             self.on_event("miss", name, 0.0)
             self._load(name)
-            # Load first, then evict: PEFT must never be left with no adapter at all.
             while len(self.loaded) > self.capacity:
                 victim = next(n for n in self.loaded if n not in wanted)
                 self._evict(victim)
 
     def _load(self, name: str) -> None:
-        from peft import PeftModel
-
         t0 = time.perf_counter()
         try:
             path = self.resolve(self.catalogue[name])
             with opened_for_load(path, self.security) as local:
-                if self.peft is None:
-                    self.peft = PeftModel.from_pretrained(self.base, local, adapter_name=peft_name(name),
-                                                          is_trainable=False).eval()
-                else:
-                    self.peft.load_adapter(local, adapter_name=peft_name(name), is_trainable=False)
+                weights = read_adapter(name, local, self.layers)
         except Exception as e:  # noqa: BLE001 - any loader error becomes one that names the adapter
             raise AdapterLoadError(
                 f"adapter {name!r} ({self.catalogue[name]}) could not be loaded: {type(e).__name__}: {e}. Check that "
                 f"it is a PEFT LoRA adapter trained on this base model") from e
+        slot = self.free.pop(0)
+        for layer in self.layers.values():
+            layer.set_rank(weights.rank)
+        for module, (a, b) in weights.modules.items():
+            self.layers[module].fill(slot, a, b)
         dt = time.perf_counter() - t0
-        self.loaded[name] = None
+        self.loaded[name] = slot
         self.stats.loads += 1
         self.stats.load_time_s_total += dt
         self.stats.last_load_s = dt
@@ -127,8 +123,10 @@ class AdapterCache:
         self.on_event("load", name, dt)
 
     def _evict(self, name: str) -> None:
-        self.peft.delete_adapter(peft_name(name))
-        del self.loaded[name]
+        slot = self.loaded.pop(name)
+        for layer in self.layers.values():
+            layer.clear(slot)
+        self.free.append(slot)
         self.stats.evictions += 1
         self.stats.events.append(("evict", name))
         self.on_event("evict", name, 0.0)

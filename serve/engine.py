@@ -15,8 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
-from .adapters import AdapterCache, find_adapters, peft_name
-from .config import BASE_ADAPTER
+from .adapters import AdapterCache, find_adapters
 
 PROBE_PROMPTS = [
     "How do I reset my password?",
@@ -171,6 +170,7 @@ class Engine:
                     f"quantization: none or lower the threshold")
             base = q
         self.model = base
+        self.device = next(base.parameters()).device
         gc = getattr(base, "generation_config", None)
         eos = getattr(gc, "eos_token_id", None) if gc is not None else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -221,16 +221,12 @@ class Engine:
         import torch
         from transformers import DynamicCache
 
-        model = self.model
-        extra = {}
+        slots = None  # per row: the adapter slot (0: no adapter), while this batch is in the forward pass
         if self.cache is not None:
             used = [r.adapter for r in reqs if r.adapter is not None]
             if used:
                 self.cache.ensure(used)
-            model = self.cache.model
-            if self.cache.peft is not None:
-                # The LoRA layers are injected into the base in place, so base rows name "__base__" too.
-                extra["adapter_names"] = [peft_name(r.adapter) if r.adapter else BASE_ADAPTER for r in reqs]
+                slots = torch.tensor([self.cache.slot(r.adapter) for r in reqs], dtype=torch.long, device=self.device)
         rows = [_Row(r, self.tokenizer, self.eos_ids, self.seed) for r in reqs]
         B = len(reqs)
         L = max(len(r.prompt_ids) for r in reqs)
@@ -243,10 +239,11 @@ class Engine:
             attn[i, L - n:] = 1
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
+        input_ids, attn, pos = input_ids.to(self.device), attn.to(self.device), pos.to(self.device)
         with torch.no_grad():  # per call: a generator must not leave grad mode changed between its steps
-            out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                        use_cache=True, **extra)
-        logits = out.logits[:, -1, :].float()
+            out = self._forward(slots, input_ids=input_ids, attention_mask=attn, position_ids=pos,
+                                past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1, :].float().cpu()
         next_pos = pos[:, -1] + 1
         active = list(range(B))
         for _ in range(max(r.max_tokens for r in reqs) + 1):
@@ -261,20 +258,31 @@ class Engine:
             keep = [j for j, i in enumerate(active) if not rows[active[j]].done]
             if not keep:
                 return
+            toks = toks.to(self.device)
             if len(keep) < len(active):
-                idx = torch.tensor(keep, dtype=torch.long)
+                idx = torch.tensor(keep, dtype=torch.long, device=self.device)
                 with torch.no_grad():
                     cache.batch_select_indices(idx)
                 attn, next_pos, toks = attn[idx], next_pos[idx], toks[idx]
                 active = [active[j] for j in keep]
-                if "adapter_names" in extra:
-                    extra["adapter_names"] = [extra["adapter_names"][j] for j in keep]
-            attn = torch.cat([attn, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
+                if slots is not None:
+                    slots = slots[idx]
+            attn = torch.cat([attn, torch.ones((len(active), 1), dtype=torch.long, device=self.device)], dim=1)
             with torch.no_grad():
-                out = model(input_ids=toks[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                            past_key_values=cache, use_cache=True, **extra)
-            logits = out.logits[:, -1, :].float()
+                out = self._forward(slots, input_ids=toks[:, None], attention_mask=attn,
+                                    position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1, :].float().cpu()
             next_pos = next_pos + 1
+
+    def _forward(self, slots, **inputs):
+        """One forward pass of the model; with adapters, each row through its own adapter slot."""
+        if self.cache is None:
+            return self.model(**inputs)
+        self.cache.state.rows = slots if slots is not None and bool((slots > 0).any()) else None
+        try:
+            return self.model(**inputs)
+        finally:
+            self.cache.state.rows = None
 
     def generate_text(self, reqs: list[GenRequest]) -> list[tuple[str, int, str]]:
         """Run to the end: (text, completion tokens, finish reason) per request."""
