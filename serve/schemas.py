@@ -36,7 +36,7 @@ class _Request(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, strict=True)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, strict=True)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[StrictInt] = None
+    seed: Optional[StrictInt] = Field(default=None, ge=-(2**63), le=2**63 - 1)  # torch seeds are 64-bit
     stream: StrictBool = False
     stream_options: Optional["StreamOptions"] = None
     n: StrictInt = 1
