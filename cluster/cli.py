@@ -220,10 +220,20 @@ def cmd_run(args) -> int:
     from train.trainer import USER_ERRORS, check_before_start
     from tune.space import SearchSpaceError
 
+    from .access import require
     from .pipeline import run_pipeline, serve_stage, summary
     from .ray_conn import connect
 
     cfg = _load(args)
+    # Every action the pipeline will take is checked (and audited) before any of it starts.
+    what = f"{'search' if cfg.tune is not None else 'run'} {cfg.name} (model {cfg.model.name_or_path})"
+    require(cfg, "tune" if cfg.tune is not None else "train", what)
+    name = cfg.tracking.register_model if cfg.tracking.register_model is not None else cfg.name
+    policy = args.promote or (cfg.tune.promotion.policy if cfg.tune is not None else "better_eval_loss")
+    if cfg.tracking.enabled and name and policy != "never":
+        require(cfg, "promote", f"models:/{name}@champion")
+    if args.serve:
+        require(cfg, "deploy", f"models:/{name}@champion" if cfg.tracking.enabled and name else f"{cfg.name} merged")
     try:
         check_before_start(cfg.model, cfg.train)
         print(connect(cfg.ray.address, cfg.ray.num_cpus))
@@ -236,7 +246,7 @@ def cmd_run(args) -> int:
         return 0
     from serve.app import run_server
 
-    return run_server(scfg, scfg.model, out.tracking_uri)
+    return run_server(scfg, scfg.model, out.tracking_uri, security=cfg.security)
 
 
 def _registry_uri(args) -> str:

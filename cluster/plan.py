@@ -359,7 +359,7 @@ def suggestions(cfg, shape: ModelShape, types) -> list[str]:
     if not t.gradient_checkpointing:
         tried.append(("train.gradient_checkpointing=true", dict(gradient_checkpointing=True)))
     if t.micro_batch_size > 1:
-        tried.append((f"train.micro_batch_size=1 (and raise gradient_accumulation_steps to keep the batch)",
+        tried.append(("train.micro_batch_size=1 (and raise gradient_accumulation_steps to keep the batch)",
                       dict(micro_batch_size=1, gradient_checkpointing=True)))
     if t.deepspeed.zero_stage < 3:
         tried.append(("train.deepspeed.zero_stage=3", dict(zero_stage=3, gradient_checkpointing=True)))

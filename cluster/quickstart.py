@@ -71,7 +71,7 @@ def run_quickstart(workdir: str, port: Optional[int] = None, fresh: bool = True,
     try:
         out = run_pipeline(cfg, log=log)
         scfg = serve_stage(cfg, out, True, log=log, port=port or free_port())
-        start(scfg, scfg.model, out.tracking_uri)
+        start(scfg, scfg.model, out.tracking_uri, security=cfg.security)
         base = f"http://127.0.0.1:{scfg.port}{scfg.route_prefix.rstrip('/')}"
         name = served_name(scfg, scfg.model)
         log(f"POST {base}/v1/chat/completions  model={name!r}  question={QUESTION!r}")

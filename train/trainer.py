@@ -133,6 +133,9 @@ def prepare_training_data(cfg, log: Callable[[str], None] = print) -> TrainingDa
     check_before_start(model, train)
     spec = TokenizerSpec(model.tokenizer_name_or_path, model.revision, model.trust_remote_code)
     prepared = prepare(cfg.data, spec, micro_batch_size=train.micro_batch_size, log=log)
+    from data.pipeline import format_report
+
+    log(format_report(prepared.report))
     train_ds = prepared.train.random_shuffle(seed=train.seed) if train.shuffle else prepared.train
     train_ds = train_ds.materialize()
     data = TrainingData(train_ds, prepared.eval, prepared.report, prepared.pad_token_id, prepared.packed,
@@ -211,7 +214,7 @@ def fit(cfg, data: TrainingData, *, resume: bool = False, log: Callable[[str], N
                                 "dataset_fingerprint": fingerprint, "plan": plan, "status": "running"})
 
     progress = Queue(maxsize=1000, actor_options={"num_cpus": 0})
-    printer = _ProgressPrinter(progress, log)
+    printer = ProgressPrinter(progress, log)
     printer.start()
     datasets = {"train": train_ds}
     if data.eval is not None:
@@ -325,7 +328,7 @@ def read_run_file(run_dir: str) -> dict:
         return json.load(f)
 
 
-class _ProgressPrinter:
+class ProgressPrinter:
     """Drains the workers' progress queue and prints `step / total, loss, tokens/s, ETA`."""
 
     def __init__(self, queue, log):

@@ -86,7 +86,8 @@ def check_fits(train_cfg, cluster: dict[str, float], max_concurrent: Optional[in
     return max(1, min(fit, max_concurrent or fit))
 
 
-def _trial_driver(config: dict, cfg=None, data=None, search_dir: str = "", parent_run: Optional[dict] = None) -> None:
+def _trial_driver(config: dict, cfg=None, data=None, search_dir: str = "", parent_run: Optional[dict] = None,
+                  log_queue=None) -> None:
     """One trial: the run's config with the trial's values, trained by the shared training code."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -98,11 +99,18 @@ def _trial_driver(config: dict, cfg=None, data=None, search_dir: str = "", paren
     trial_id = tune.get_context().get_trial_id()
     trial_cfg = cfg.model_copy(update={"train": trial_train})
     run_name = f"trial-{trial_id}"
+
+    def log(message) -> None:  # the trial's lines reach the search's terminal (worker output is not forwarded)
+        try:
+            log_queue.put_nowait(f"{run_name}  {message}")
+        except Exception:  # no queue, or a full one: never stop training for a log line
+            print(message, flush=True)
+
     # Tune ends this task as soon as ASHA stops the trial or it reports its last step, so nothing after
     # fit() is sure to run: the trial's run folder (checkpoints, rayft_run.json) is its result.
     fit(trial_cfg, data, run_name=run_name, storage=os.path.join(search_dir, "trials"),
         callbacks=[TuneReportCallback()], mlflow_parent=parent_run, register=False,
-        mlflow_run_name=f"{cfg.name}/{run_name}", extra_params=params)
+        mlflow_run_name=f"{cfg.name}/{run_name}", extra_params=params, log=log)
 
 
 def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) -> SearchOutcome:
@@ -145,8 +153,15 @@ def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) ->
                                grace_period=min(tcfg.asha.grace_period_steps, max_steps),
                                reduction_factor=tcfg.asha.reduction_factor)
                  if tcfg.asha.enabled else FIFOScheduler())
+    from ray.util.queue import Queue
+
+    from train.trainer import ProgressPrinter
+
+    log_queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+    printer = ProgressPrinter(log_queue, log)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial_driver, cfg=cfg, data=data, search_dir=search_dir, parent_run=parent),
+        tune.with_parameters(_trial_driver, cfg=cfg, data=data, search_dir=search_dir, parent_run=parent,
+                             log_queue=log_queue),
         {"cpu": DRIVER_CPUS})
     search_alg = None
     if tcfg.algorithm == "optuna":
@@ -175,7 +190,15 @@ def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) ->
     log(f"search: {tcfg.num_samples} trial(s), up to {concurrency} at once, {max_steps} steps each at most, "
         f"ASHA {'on' if tcfg.asha.enabled else 'off'}")
     t0 = time.time()
-    grid = tuner.fit()
+    printer.start()
+    try:
+        grid = tuner.fit()
+    finally:
+        printer.stop()
+        try:
+            ray.kill(log_queue.actor)
+        except Exception:
+            pass
     outcome = summarise(grid, max_steps, search_dir)
     log(format_table(outcome))
     log(f"compute: {outcome.steps_run} trial-steps run of {outcome.steps_full} a full search would run "
