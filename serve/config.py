@@ -10,7 +10,6 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
 class _Section(BaseModel):
@@ -80,8 +79,11 @@ class ServeConfig(_Section):
         description="Serve rows for different adapters in one forward pass; false: group per adapter and serve "
         "each group in turn (a baseline for benchmarks).",
     )
-    quantization: Literal["none", "int8"] = Field(
-        default="none", description="`int8`: dynamic int8 quantization of the linear layers (CPU, merged model only)."
+    quantization: Literal["none", "int8", "bnb-int8", "bnb-nf4"] = Field(
+        default="none",
+        description="Merged model only. `int8`: dynamic int8 quantization of the linear layers (CPU). `bnb-int8` / "
+        "`bnb-nf4`: load the weights in 8-bit (LLM.int8) or 4-bit (NF4) with bitsandbytes on a CUDA GPU "
+        "(`pip install 'rayft[gpu]'`, `num_gpus_per_replica` > 0). Every mode runs the start-up agreement check.",
     )
     quantization_min_agreement: float = Field(
         default=0.8, ge=0, le=1,
@@ -140,5 +142,10 @@ class ServeConfig(_Section):
                     f"(or RAYFT_API_KEYS_FILE), or listen on 127.0.0.1"
                 )
         if self.quantization != "none" and (self.adapters or self.adapters_dir):
-            raise ValueError("quantization: int8 serves a merged model; remove adapters/adapters_dir or set quantization: none")
+            raise ValueError(f"quantization: {self.quantization} serves a merged model; remove adapters/adapters_dir "
+                             f"or set quantization: none")
+        if self.quantization.startswith("bnb-") and self.num_gpus_per_replica <= 0:
+            raise ValueError(f"quantization: {self.quantization!r} loads the model with bitsandbytes on a CUDA GPU, but "
+                             f"num_gpus_per_replica is {self.num_gpus_per_replica:g}; set num_gpus_per_replica: 1 on a "
+                             f"GPU cluster, or use quantization: int8 (dynamic int8 on CPU)")
         return self

@@ -113,17 +113,52 @@ def sample_next(logits, rows: list[_Row]):
 
 def load_model(path: str, quantization: str = "none", log: Callable[[str], None] = print, security=None):
     """A causal LM in fp32 on CPU (safetensors only unless security.allow_pickle_weights, no remote code),
-    optionally int8-quantized. An exported folder is checked against its manifest and decrypted if encrypted."""
+    optionally int8-quantized (CPU), or loaded in 8-bit / 4-bit with bitsandbytes on the GPU. An exported folder is
+    checked against its manifest and decrypted if encrypted."""
     from train.artifacts import opened_for_load
     from train.config import ModelConfig
     from train.model import load_base_model
 
+    bnb = BNB_MODES.get(quantization)  # bitsandbytes on a CUDA GPU: weights quantized as they load
     with opened_for_load(path, security) as local:
-        model = load_base_model(ModelConfig(name_or_path=local), "float32",
+        model = load_base_model(ModelConfig(name_or_path=local, quantization=bnb or "none"),
+                                gpu_dtype() if bnb else "float32", device_map={"": 0} if bnb else None,
                                 allow_pickle=bool(security and security.allow_pickle_weights)).eval()
     if quantization == "int8":
         model = quantize_int8(model)
     return model
+
+
+BNB_MODES = {"bnb-int8": "8bit", "bnb-nf4": "4bit"}  # serve.quantization -> train's ModelConfig.quantization
+QUANT_LABELS = {"int8": "int8 dynamic quantization", "bnb-int8": "bitsandbytes 8-bit (LLM.int8) quantization",
+                "bnb-nf4": "bitsandbytes 4-bit (NF4) quantization"}
+
+
+def gpu_dtype() -> str:
+    import torch
+
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+def check_gpu_quantization(quantization: str) -> None:
+    """Refuse a bitsandbytes mode where it cannot run, before anything is loaded: the field, the value, the fix."""
+    why = None
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            why = "no CUDA GPU is visible to this process (torch.cuda.is_available() is false)"
+    except ImportError:  # pragma: no cover
+        why = "torch is missing"
+    if why is None:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            why = "the bitsandbytes package is not installed (pip install 'rayft[gpu]')"
+    if why:
+        raise RuntimeError(
+            f"serve.quantization: {quantization!r} loads the model with bitsandbytes on a CUDA GPU, and {why}. On CPU "
+            f"use serve.quantization: int8 (dynamic int8 quantization, with the same start-up agreement check) or none")
 
 
 def quantize_int8(model):
@@ -148,27 +183,41 @@ class Engine:
         from train.artifacts import opened_for_load
 
         self.model_path = model_path
+        if quantization in BNB_MODES:
+            check_gpu_quantization(quantization)
         # One opening for tokenizer and weights: the manifest is checked, an encrypted export is decrypted into a
         # private temporary folder, and that folder is gone once both are in memory.
         with opened_for_load(model_path, security) as local:
             self.tokenizer = AutoTokenizer.from_pretrained(local)
             base = load_model(local, "none", security=security)
+            self.agreement: Optional[float] = None
+            if quantization != "none":
+                # Full-precision answers first (on the GPU in half precision for bitsandbytes), then the quantized
+                # model; the full-precision copy is dropped before the quantized one loads.
+                if quantization in BNB_MODES:
+                    import torch
+
+                    reference = probe_answers(base.to("cuda", dtype=getattr(torch, gpu_dtype())), self.tokenizer)
+                    del base
+                    torch.cuda.empty_cache()
+                    base = load_model(local, quantization, security=security)
+                else:
+                    reference = probe_answers(base, self.tokenizer)
+                    base = quantize_int8(base)
+                answers = probe_answers(base, self.tokenizer)
+                self.agreement = sum(a == b for a, b in zip(reference, answers)) / len(PROBE_PROMPTS)
+                label = QUANT_LABELS[quantization]
+                log(f"{label}: greedy answers agree with full precision on {self.agreement:.0%} of "
+                    f"{len(PROBE_PROMPTS)} probe prompts (required {min_agreement:.0%})")
+                if self.agreement < min_agreement:
+                    raise RuntimeError(
+                        f"serve.quantization: {quantization} answers agree with full precision on only "
+                        f"{self.agreement:.0%} of the probe prompts (< serve.quantization_min_agreement "
+                        f"{min_agreement:.0%}); serve with quantization: none or lower the threshold")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.seed = seed
         self.mixed = mixed_adapter_batches
-        self.agreement: Optional[float] = None
-        if quantization == "int8":
-            q = quantize_int8(base)
-            self.agreement = greedy_agreement(base, q, self.tokenizer)
-            log(f"int8 dynamic quantization: greedy answers agree with full precision on "
-                f"{self.agreement:.0%} of {len(PROBE_PROMPTS)} probe prompts (required {min_agreement:.0%})")
-            if self.agreement < min_agreement:
-                raise RuntimeError(
-                    f"serve.quantization: int8 answers agree with full precision on only {self.agreement:.0%} of the "
-                    f"probe prompts (< serve.quantization_min_agreement {min_agreement:.0%}); serve with "
-                    f"quantization: none or lower the threshold")
-            base = q
         self.model = base
         self.device = next(base.parameters()).device
         gc = getattr(base, "generation_config", None)
@@ -297,21 +346,25 @@ class Engine:
         return [(t, f[0], f[1]) for t, f in zip(texts, final)]
 
 
-def greedy_agreement(reference, candidate, tokenizer, max_tokens: int = 16) -> float:
-    """Share of PROBE_PROMPTS whose greedy continuations (max_tokens) are identical under both models."""
+def probe_answers(model, tokenizer, max_tokens: int = 16) -> list[list[int]]:
+    """The greedy continuation (max_tokens) of each of PROBE_PROMPTS under `model`."""
     import torch
 
-    same = 0
+    device = next(model.parameters()).device
+    answers = []
     for text in PROBE_PROMPTS:
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        answers = []
-        for m in (reference, candidate):
-            with torch.no_grad():
-                out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
-            answers.append(out[0, ids.shape[1]:].tolist())
-        same += answers[0] == answers[1]
-    return same / len(PROBE_PROMPTS)
+        answers.append(out[0, ids.shape[1]:].tolist())
+    return answers
+
+
+def greedy_agreement(reference, candidate, tokenizer, max_tokens: int = 16) -> float:
+    """Share of PROBE_PROMPTS whose greedy continuations (max_tokens) are identical under both models."""
+    pairs = zip(probe_answers(reference, tokenizer, max_tokens), probe_answers(candidate, tokenizer, max_tokens))
+    return sum(a == b for a, b in pairs) / len(PROBE_PROMPTS)
 
 
 def set_threads(n: Optional[int]) -> None:

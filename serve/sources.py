@@ -15,30 +15,58 @@ def is_remote(uri: str) -> bool:
 
 
 def resolve(uri: str, tracking_uri: Optional[str] = None, cache_dir: Optional[str] = None) -> str:
-    """A local folder holding the files of `uri`."""
+    """A local folder holding the files of `uri`.
+
+    Downloads are cached per replica machine under a key of the tracking URI and the concrete source: an alias
+    (`models:/NAME@champion`) is first resolved to its version, so moving the alias serves the new version,
+    and two registries that both have `models:/NAME/1` never share a copy."""
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if not is_remote(uri):
         return uri
+    import hashlib
+    import shutil
+    import tempfile
+
     import mlflow
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
-    dst = cache_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), "rayft-serve-cache")
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in uri)
-    target = os.path.join(dst, safe)
-    # The marker sits beside the folder, not in it: a file added to an exported folder fails its manifest.
-    marker = target.rstrip("/") + ".complete"
-    if os.path.isfile(marker):
-        return _model_root(target)
-    os.makedirs(target, exist_ok=True)
     try:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=target)
+        concrete = _pin_version(uri, tracking_uri)
     except Exception as e:  # noqa: BLE001 - mlflow raises many kinds; the message says which URI failed
         raise FileNotFoundError(f"could not fetch {uri!r} (tracking URI {tracking_uri!r}): {e}") from None
-    open(marker, "w").close()
-    return _model_root(path)
+    dst = cache_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), "rayft-serve-cache")
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in concrete)[-80:]
+    key = hashlib.sha256(f"{mlflow.get_tracking_uri()}\n{concrete}".encode()).hexdigest()[:16]
+    target = os.path.join(dst, f"{safe}-{key}")
+    if os.path.isfile(os.path.join(target, ".complete")):
+        return _model_root(target)
+    os.makedirs(dst, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".download-", dir=dst)  # a half-finished download is never seen as complete
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=concrete, dst_path=tmp)
+        open(os.path.join(tmp, ".complete"), "w").close()
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished the same download first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as e:  # noqa: BLE001
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FileNotFoundError(f"could not fetch {uri!r} (tracking URI {tracking_uri!r}): {e}") from None
+    return _model_root(target)
+
+
+def _pin_version(uri: str, tracking_uri: Optional[str]) -> str:
+    """`models:/NAME@alias` -> `models:/NAME/VERSION` (the version the alias names now); other URIs unchanged."""
+    if not uri.startswith("models:/") or "@" not in uri:
+        return uri
+    from mlflow.tracking import MlflowClient
+
+    name, alias = uri[len("models:/"):].rstrip("/").rsplit("@", 1)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
 
 
 def _model_root(path: str) -> str:

@@ -26,22 +26,32 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, tiny_model_dir, tmp_path_factory):
+def server(ray_local, tiny_model_dir, toy_adapters, tmp_path_factory):
     import yaml
     from ray import serve
 
     from serve.app import build_app
     from serve.auth import hash_key
     from serve.config import ABSplit, ABVersion, ServeConfig
-    from serve.testing import merge_toy_adapter, train_toy_adapter
+    from serve.testing import merge_toy_adapter
 
     root = tmp_path_factory.mktemp("serve-api")
-    ad = {"a": train_toy_adapter(tiny_model_dir, str(root / "a"), ANSWER_A),
-          "b": train_toy_adapter(tiny_model_dir, str(root / "b"), ANSWER_B),
-          "c": train_toy_adapter(tiny_model_dir, str(root / "c"), "Maybe later.", steps=30)}
+    ad = dict(toy_adapters)  # a, b, c answer ANSWER_A, ANSWER_B, "Maybe later." (tests/integration/conftest.py)
     (root / "broken").mkdir()
     (root / "broken" / "adapter_config.json").write_text("{}")  # on disk, but not a loadable adapter
     ad["broken"] = str(root / "broken")
+    # an adapter from the MLflow registry (SQLite): b logged by a run, registered, alias champion
+    from train.registry import register_version
+    from train.tracking import client
+
+    tracking = f"sqlite:///{root}/mlflow.db"
+    c = client(tracking)
+    run = c.create_run(c.create_experiment("serve-api", artifact_location=f"file://{root}/mlartifacts"))
+    c.log_artifacts(run.info.run_id, ad["b"], artifact_path="adapter")
+    c.set_terminated(run.info.run_id)
+    register_version(tracking, "tiny-bot", run.info.run_id, "adapter", {"kind": "adapter"})
+    c.set_registered_model_alias("tiny-bot", "champion", "1")
+    ad["reg"] = "models:/tiny-bot@champion"
     merged_a = merge_toy_adapter(tiny_model_dir, ad["a"], str(root / "merged-a"))
     merged_b = merge_toy_adapter(tiny_model_dir, ad["b"], str(root / "merged-b"))
     keys = root / "keys.yaml"
@@ -59,7 +69,8 @@ def server(ray_local, tiny_model_dir, tmp_path_factory):
                            api_keys_file=str(keys), **common)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(merged_cfg, merged_a), name="merged", route_prefix="/merged", blocking=False)
-    serve.run(build_app(lora_cfg, tiny_model_dir), name="lora", route_prefix="/lora", blocking=False)
+    serve.run(build_app(lora_cfg, tiny_model_dir, tracking_uri=tracking), name="lora", route_prefix="/lora",
+              blocking=False)
     yield {"url": f"http://127.0.0.1:{port}", "adapters": ad}
     serve.delete("merged")
     serve.delete("lora")
@@ -220,7 +231,7 @@ def test_overload_is_503_with_retry_after(server):
 def test_models_lists_adapters_with_their_parent(server):
     models = _client(server, "lora", KEY_1).models.list().data
     assert [(m.id, m.parent) for m in models] == [("tiny", None), ("tiny:a", "tiny"), ("tiny:b", "tiny"),
-                                                  ("tiny:broken", "tiny"), ("tiny:c", "tiny")]
+                                                  ("tiny:broken", "tiny"), ("tiny:c", "tiny"), ("tiny:reg", "tiny")]
     only_b = [m.id for m in _client(server, "lora", KEY_2).models.list().data]
     assert only_b == ["tiny", "tiny:b"]
 
@@ -238,6 +249,17 @@ def test_adapter_chosen_per_request_and_concurrent_requests_share_batches(server
     assert together == alone
     stats = json.loads(_http(f"{server['url']}/lora/v1/stats", headers={"Authorization": f"Bearer {KEY_1}"})[2])
     assert stats["max_batch_seen"] >= 2  # concurrent requests for different adapters were decoded together
+
+
+def test_registry_adapter_over_http(server):
+    """`models:/tiny-bot@champion` (adapter b in the MLflow registry) is fetched by the replica on first use and
+    shares a batch with a local adapter."""
+    c = _client(server, "lora", KEY_1)
+    with cf.ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda m: c.chat.completions.create(model=m, messages=HELLO, temperature=0,
+                                                                    max_tokens=30).choices[0].message.content,
+                                ["tiny:reg", "tiny:a", "tiny:reg"]))
+    assert answers == [ANSWER_B, ANSWER_A, ANSWER_B]
 
 
 def test_lru_evicts_and_reloads_over_http(server):

@@ -24,6 +24,13 @@ def test_serve_typos_and_bad_values_name_the_field(repo_root):
                     ["serve.autoscaling={min_replicas: 3, max_replicas: 2}"])
     with pytest.raises(ConfigError, match="quantization: int8 serves a merged model"):
         load_config(repo_root / "examples" / "quickstart.yaml", ["serve.quantization=int8", "serve.adapters={a: /x}"])
+    with pytest.raises(ConfigError, match=r"quantization: 'bnb-nf4' loads the model with bitsandbytes on a CUDA GPU, "
+                                          r"but num_gpus_per_replica is 0; set num_gpus_per_replica: 1 .* int8"):
+        load_config(repo_root / "examples" / "quickstart.yaml", ["serve.quantization=bnb-nf4"])
+    with pytest.raises(ConfigError, match=r"serve\.quantization: 'int4' is not valid"):
+        load_config(repo_root / "examples" / "quickstart.yaml", ["serve.quantization=int4"])
+    assert load_config(repo_root / "examples" / "quickstart.yaml",
+                       ["serve.quantization=bnb-int8", "serve.num_gpus_per_replica=1"]).serve.quantization == "bnb-int8"
 
 
 def test_deployment_options_follow_the_config():

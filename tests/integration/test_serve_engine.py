@@ -10,15 +10,8 @@ ANSWER_B = "No. Please call support."
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_model_dir, tmp_path_factory):
-    from serve.testing import train_toy_adapter
-
-    root = tmp_path_factory.mktemp("serve-adapters")
-    return {
-        "a": train_toy_adapter(tiny_model_dir, str(root / "a"), ANSWER_A),
-        "b": train_toy_adapter(tiny_model_dir, str(root / "b"), ANSWER_B),
-        "c": train_toy_adapter(tiny_model_dir, str(root / "c"), "Maybe later.", steps=30),
-    }
+def adapters(toy_adapters):
+    return dict(toy_adapters)  # a, b, c answer ANSWER_A, ANSWER_B, "Maybe later." (tests/integration/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +108,36 @@ def test_int8_quantized_merged_model_checks_agreement(tiny_model_dir, adapters, 
     if q.agreement < 1.0:  # a threshold above the measured agreement refuses to start
         with pytest.raises(RuntimeError, match="quantization_min_agreement"):
             Engine(merged, quantization="int8", min_agreement=1.0)
+
+
+@pytest.mark.parametrize("mode", ["bnb-int8", "bnb-nf4"])
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bitsandbytes_without_cuda_is_refused_naming_the_field_and_the_fix(tiny_model_dir, mode):
+    from serve.engine import Engine
+
+    with pytest.raises(RuntimeError, match=rf"serve\.quantization: '{mode}' loads the model with bitsandbytes on a "
+                                           rf"CUDA GPU, and no CUDA GPU is visible .* use serve\.quantization: int8"):
+        Engine(tiny_model_dir, quantization=mode)
+
+
+@pytest.mark.parametrize("mode,layer", [("bnb-int8", "Linear8bitLt"), ("bnb-nf4", "Linear4bit")])
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(),
+                    reason="bitsandbytes 8-bit/4-bit loading needs a CUDA GPU; this machine has none")
+def test_bitsandbytes_quantized_merged_model_on_gpu_checks_agreement(tiny_model_dir, adapters, tmp_path, capsys, mode,
+                                                                     layer):
+    from serve.engine import Engine
+    from serve.testing import merge_toy_adapter
+
+    merged = merge_toy_adapter(tiny_model_dir, adapters["a"], str(tmp_path / "merged"))
+    q = Engine(merged, quantization=mode, min_agreement=0.0)
+    assert "greedy answers agree with full precision" in capsys.readouterr().out
+    assert layer in repr(q.model) and q.device.type == "cuda"
+    assert q.agreement is not None
+    text = q.generate_text([_req(q, None)])[0][0]
+    assert text == ANSWER_A or q.agreement < 1.0  # the trained answer survives unless the check saw drift
+    if q.agreement < 1.0:
+        with pytest.raises(RuntimeError, match="quantization_min_agreement"):
+            Engine(merged, quantization=mode, min_agreement=1.0)
 
 
 def test_a_cancelled_row_leaves_the_batch(engine):
