@@ -60,3 +60,90 @@ def merge_toy_adapter(base_dir: str, adapter_dir: str, out_dir: str) -> str:
     merge_adapter(ModelConfig(name_or_path=base_dir, dtype="float32"), adapter_dir, out_dir,
                   AutoTokenizer.from_pretrained(base_dir))
     return out_dir
+
+
+# ------------------------------------------------------------------------ fault injection and load (tests, benchmarks)
+
+
+def replica_pids(app_name: str, deployment: str = "rayft-openai") -> list[int]:
+    """Process ids of the live replicas of a Serve deployment on the Ray this process is connected to (Ray's
+    state API; the address is explicit because other Ray instances may run on the same machine)."""
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
+                         limit=10000, raise_on_missing_output=False)
+    return sorted(a.pid for a in actors if a.class_name == f"ServeReplica:{app_name}:{deployment}" and a.pid)
+
+
+class ClosedLoopLoad:
+    """`concurrency` client threads, each sending `body` to `url` again as soon as its answer is in.
+
+    Every request is recorded as (start, end, status, error) on the monotonic clock; a connection error or a
+    timeout is status 0. Used to measure recovery after a fault and to soak a server."""
+
+    def __init__(self, url: str, body: dict, concurrency: int, timeout_s: float = 60.0):
+        import threading
+
+        self.url, self.body, self.concurrency, self.timeout_s = url, body, concurrency, timeout_s
+        self.records: list[tuple[float, float, int, str]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(concurrency)]
+
+    def start(self) -> "ClosedLoopLoad":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> list[tuple[float, float, int, str]]:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=self.timeout_s + 5)
+        return self.snapshot()
+
+    def snapshot(self) -> list[tuple[float, float, int, str]]:
+        with self._lock:
+            return list(self.records)
+
+    def _client(self) -> None:
+        import json
+        import time
+        import urllib.error
+        import urllib.request
+
+        data = json.dumps(self.body).encode()
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            req = urllib.request.Request(self.url, data=data, headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+                    r.read()
+                    status, error = r.status, ""
+            except urllib.error.HTTPError as e:
+                status, error = e.code, e.read().decode(errors="replace")[:300]
+            except Exception as e:  # noqa: BLE001 - refused, reset, timed out: the request failed
+                status, error = 0, f"{type(e).__name__}: {e}"[:300]
+            with self._lock:
+                self.records.append((t0, time.monotonic(), status, error))
+            if status != 200:
+                time.sleep(0.05)  # a client that backs off a little, as a real one would
+
+
+def recovery(records: list[tuple[float, float, int, str]], fault_at: float) -> dict:
+    """What a fault at `fault_at` cost the clients: requests that failed, and when the service answered again.
+
+    Recovered at the end of the first successful request sent after the fault; every request sent after
+    that point must succeed (`failed_after_recovery` counts the ones that did not)."""
+    after = sorted(r for r in records if r[0] >= fault_at)
+    first_ok = next((r for r in after if r[2] == 200), None)
+    failed = [r for r in records if r[2] != 200]
+    out = {"requests": len(records), "failed": len(failed),
+           "failed_statuses": sorted({r[2] for r in failed}),
+           "sample_errors": [r[3] for r in failed[:3]],
+           "recovered": first_ok is not None, "time_to_recover_s": None, "failed_after_recovery": None}
+    if first_ok is not None:
+        out["time_to_recover_s"] = first_ok[1] - fault_at
+        out["failed_after_recovery"] = sum(1 for r in after if r[0] >= first_ok[1] and r[2] != 200)
+        out["ok_after_recovery"] = sum(1 for r in after if r[0] >= first_ok[1] and r[2] == 200)
+    return out
