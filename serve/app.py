@@ -461,8 +461,7 @@ def build_app(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = N
     )
     if cfg.autoscaling:
         a = cfg.autoscaling
-        opts["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-                                      "target_ongoing_requests": a.target_ongoing_requests}
+        opts["autoscaling_config"] = a.model_dump()  # our field names are Ray Serve's
     else:
         opts["num_replicas"] = cfg.num_replicas
     return OpenAIServer.options(**opts).bind(cfg.model_dump(), model_path, tracking_uri, sec.model_dump())

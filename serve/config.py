@@ -24,6 +24,16 @@ class AutoscalingSettings(_Section):
     target_ongoing_requests: float = Field(
         default=8.0, gt=0, description="Ongoing requests per replica the autoscaler aims for."
     )
+    upscale_delay_s: float = Field(
+        default=30.0, ge=0, description="Load must stay above target this long before a replica is added."
+    )
+    downscale_delay_s: float = Field(
+        default=600.0, ge=0, description="Load must stay below target this long before a replica is removed."
+    )
+    look_back_period_s: float = Field(default=30.0, gt=0, description="Window over which ongoing requests are averaged.")
+    metrics_interval_s: float = Field(
+        default=10.0, gt=0, description="How often replicas report their ongoing requests."
+    )
 
     @model_validator(mode="after")
     def _ordered(self):
