@@ -246,11 +246,21 @@ def _iter_parquet(data: bytes, limit: int) -> Iterator[RawRecord]:
         yield RawRecord(1, None, None, "", "unparsable_parquet", f"the file is not readable Parquet: {e}")
         return
     row = 0
-    for batch in pf.iter_batches(batch_size=4096):
-        for value in batch.to_pylist():
-            row += 1
-            raw = json.dumps(value, ensure_ascii=False, default=str)
-            yield RawRecord(row, None, value, raw)
+    # Row group by row group: a damaged page fails its group only, and the footer says how many rows each group
+    # holds, so the rows that cannot be read are still counted, each rejected, never silently lost.
+    for group in range(pf.metadata.num_row_groups):
+        first, expected = row, pf.metadata.row_group(group).num_rows
+        try:
+            for batch in pf.iter_batches(batch_size=4096, row_groups=[group]):
+                for value in batch.to_pylist():
+                    row += 1
+                    yield RawRecord(row, None, value, json.dumps(value, ensure_ascii=False, default=str))
+        except Exception as e:  # noqa: BLE001 - pyarrow raises OSError, ArrowInvalid, ... for a damaged page
+            detail = (f"row group {group} (rows {first + 1}-{first + expected}) is not readable Parquet: "
+                      f"{type(e).__name__}: {e}")
+            while row < first + expected:
+                row += 1
+                yield RawRecord(row, None, None, "", "unparsable_parquet", detail)
 
 
 def read_bytes(path: str) -> bytes:
