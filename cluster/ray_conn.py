@@ -24,13 +24,18 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, quiet
         return f"joined Ray at {address}"
     # The dashboard (on loopback, on a free port) serves Ray's state API, which Ray Train uses to release
     # the placement group of a run whose controller died (a trial stopped by ASHA, a killed driver).
-    # Without it those CPUs stay reserved and later trials wait forever.
+    # Without it those CPUs stay reserved and later trials wait forever. Ray's workers find the state API by
+    # auto-detection, which fails ("multiple active Ray instances") when another Ray runs on the machine, so
+    # they are told where it is.
+    dashboard_port = _free_port()
+    api = f"http://127.0.0.1:{dashboard_port}"
     ray.init(
         address="local",
         num_cpus=num_cpus,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
-        dashboard_port=_free_port(),
+        dashboard_port=dashboard_port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}},
         log_to_driver=not quiet,
         logging_level="WARNING" if quiet else "INFO",
         _node_ip_address="127.0.0.1",

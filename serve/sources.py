@@ -41,17 +41,21 @@ def resolve(uri: str, tracking_uri: Optional[str] = None, cache_dir: Optional[st
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in concrete)[-80:]
     key = hashlib.sha256(f"{mlflow.get_tracking_uri()}\n{concrete}".encode()).hexdigest()[:16]
     target = os.path.join(dst, f"{safe}-{key}")
-    if os.path.isfile(os.path.join(target, ".complete")):
+    # The marker sits beside the folder, not in it: a file added to an exported folder fails its manifest check.
+    marker = target + ".complete"
+    if os.path.isfile(marker) and os.path.isdir(target):
         return _model_root(target)
+    if os.path.isdir(target):  # without its marker: left by an interrupted download or an older layout
+        shutil.rmtree(target, ignore_errors=True)
     os.makedirs(dst, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".download-", dir=dst)  # a half-finished download is never seen as complete
     try:
         mlflow.artifacts.download_artifacts(artifact_uri=concrete, dst_path=tmp)
-        open(os.path.join(tmp, ".complete"), "w").close()
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished the same download first
             shutil.rmtree(tmp, ignore_errors=True)
+        open(marker, "w").close()
     except Exception as e:  # noqa: BLE001
         shutil.rmtree(tmp, ignore_errors=True)
         raise FileNotFoundError(f"could not fetch {uri!r} (tracking URI {tracking_uri!r}): {e}") from None
