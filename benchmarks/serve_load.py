@@ -10,13 +10,20 @@ against the same model, on the same machine, back to back:
     base + 8 adapters, mixed       concurrency 32      -> multi-LoRA (8 adapters in every batch) vs merged
     base + 8 adapters, grouped     concurrency 32      -> mixed-adapter batches vs one adapter group at a time
     merged model, int8 dynamic     concurrency 32      -> quantized vs full precision, and answer agreement
+    engine only, in this process   one batch of 32     -> multi-LoRA vs merged without HTTP and batch forming:
+                                                          the two alternate --engine-reps times, medians compared
 
     .venv/bin/python benchmarks/serve_load.py [--hidden-size 256] [--layers 4] [--max-tokens 32]
-                                              [--requests 96] [--time-limit-s 40] [--out results.json] [--workdir DIR]
+                                              [--requests 96] [--time-limit-s 40] [--engine-reps 7]
+                                              [--out results.json] [--workdir DIR]
 
 The model is rayft's tiny Llama at a configurable width (no weights can be downloaded here); adapters and the
 merged model are made in-process in seconds (serve/testing.py). Serve runs on a local Ray with 2 CPUs; the
-replica gets 1 CPU and 1 torch thread so the proxy and this client have the other.
+replica gets 1 CPU and 1 torch thread so the proxy and this client have the other. Multi-LoRA rows go through
+rayft's batched LoRA layers (serve/batched_lora.py: one gather + two bmm per layer for the whole batch).
+
+The machine's load average is printed before and after each level: on a shared machine it says how far the
+figures can be trusted (every ratio compares levels run back to back in this one process).
 """
 from __future__ import annotations
 
@@ -119,6 +126,15 @@ def load(port: int, prefix: str, models: list[str], concurrency: int, requests: 
             "answers": {r["i"]: r["text"] for r in ok}}
 
 
+def loadavg() -> str:
+    """The 1-minute load average of this machine ('?' where /proc/loadavg does not exist)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "?"
+
+
 def deploy(cfg, model_path: str, name: str):
     from ray import serve
 
@@ -129,6 +145,35 @@ def deploy(cfg, model_path: str, name: str):
     return time.perf_counter() - t0
 
 
+def engine_only(base: str, merged: str, adapters: dict[str, str], max_tokens: int, reps: int) -> dict:
+    """Decode one batch of 32 chat requests in-process (1 torch thread), merged model vs base + 8 adapters mixed
+    (row i uses adapter i % 8), alternating `reps` times; medians of output tokens/s."""
+    import torch
+
+    from data.chat import render_prompt
+    from serve.engine import Engine, GenRequest
+
+    torch.set_num_threads(1)
+    engines = {"merged": Engine(merged, log=lambda m: None),
+               "lora8_mixed": Engine(base, adapters=adapters, adapter_cache_size=8, log=lambda m: None)}
+
+    def batch(eng, lora):
+        return [GenRequest(eng.tokenizer(render_prompt([{"role": "user", "content": PROMPTS[i % 8]}], eng.tokenizer),
+                                         add_special_tokens=False)["input_ids"], max_tokens, temperature=0.0,
+                           adapter=f"ad{i % 8}" if lora else None) for i in range(32)]
+
+    tok_s: dict = {k: [] for k in engines}
+    for _ in range(reps + 1):  # the first round warms up (adapter loads) and is not counted
+        for name, eng in engines.items():
+            reqs = batch(eng, name != "merged")
+            t0 = time.perf_counter()
+            out = eng.generate_text(reqs)
+            tok_s[name].append(sum(n for _, n, _ in out) / (time.perf_counter() - t0))
+    med = {k: statistics.median(v[1:]) for k, v in tok_s.items()}
+    return {"merged_tok_per_s": med["merged"], "lora8_mixed_tok_per_s": med["lora8_mixed"],
+            "ratio": med["lora8_mixed"] / med["merged"], "reps": reps, "loadavg_1m": loadavg()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hidden-size", type=int, default=256)
@@ -136,6 +181,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--requests", type=int, default=96, help="request budget per level (concurrency 1 uses a quarter)")
     ap.add_argument("--time-limit-s", type=float, default=40.0, help="time limit per level")
+    ap.add_argument("--engine-reps", type=int, default=7, help="rounds of the in-process engine comparison (0: skip)")
     ap.add_argument("--out", help="write the figures as JSON here")
     ap.add_argument("--workdir", help="where the model, adapters and merged model are built (reused when present)")
     ap.add_argument("--stream-interval-s", type=float, default=0.05, help="serve.stream_interval_s")
@@ -175,6 +221,11 @@ def main() -> int:
         mark("merged")
     print(f"setup: model (hidden {args.hidden_size}, {args.layers} layers), 8 adapters, merge in "
           f"{time.perf_counter() - t0:.1f}s", flush=True)
+    if args.engine_reps:
+        eo = engine_only(base, merged, adapters, args.max_tokens, args.engine_reps)
+        print(f"engine only, batch of 32: merged {eo['merged_tok_per_s']:.0f} tok/s, base + 8 adapters mixed "
+              f"{eo['lora8_mixed_tok_per_s']:.0f} tok/s (medians of {eo['reps']}; load avg {eo['loadavg_1m']})",
+              flush=True)
     print(connect(num_cpus=2), flush=True)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -191,10 +242,11 @@ def main() -> int:
         for c in levels:
             r = load(port, "/bench", models, c, max(8, R // 4) if c == 1 else R, T, M)
             out[c] = r
+            r["loadavg_1m"] = loadavg()
             print(f"{label:<28} c={c:<3} {r['req_per_s']:7.2f} req/s {r['out_tok_per_s']:8.1f} tok/s  "
                   f"p50 {r['p50_latency_s']:.3f}s p99 {r['p99_latency_s']:.3f}s  ttft p50 {r['p50_ttft_s']:.3f}s "
-                  f"p99 {r['p99_ttft_s']:.3f}s  ({r['requests']} req, {r['errors']} err, {r['mean_tokens']:.1f} tok/req)",
-                  flush=True)
+                  f"p99 {r['p99_ttft_s']:.3f}s  ({r['requests']} req, {r['errors']} err, {r['mean_tokens']:.1f} tok/req)"
+                  f"  load avg {r['loadavg_1m']}", flush=True)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/bench/v1/stats", timeout=30) as resp:
             st = json.loads(resp.read())
         print(f"{'':<28} replica totals, all levels + warm-up: batches {st['batches']}, mean batch {st['mean_batch']:.1f}, max {st['max_batch_seen']}", flush=True)
@@ -224,13 +276,18 @@ def main() -> int:
         "int8_vs_fp32_c32": q["out_tok_per_s"] / fp["out_tok_per_s"],
         "int8_answer_agreement": agree,
     }
+    if args.engine_reps:
+        results["engine_only"] = eo
+        ratios["engine_only_lora8_mixed_vs_merged"] = eo["ratio"]
     results["ratios"] = ratios
-    print("\nratios (output tokens/s at concurrency 32):")
+    print(f"\nratios (output tokens/s at concurrency 32; load average now {loadavg()} on {os.cpu_count()} CPUs):")
     print(f"  batched vs one-at-a-time:         {ratios['batched_vs_one_at_a_time_c32']:.2f}x   (goal >= 4x)")
     print(f"  multi-LoRA 8 mixed vs merged:     {ratios['lora8_mixed_vs_merged_c32']:.2f}x   (goal >= 0.70x)")
     print(f"  mixed vs grouped per adapter:     {ratios['mixed_vs_grouped_c32']:.2f}x   (goal >= 1.5x)")
     print(f"  int8 vs fp32 (merged):            {ratios['int8_vs_fp32_c32']:.2f}x, greedy answers agree on "
           f"{agree:.0%} of {len(same)} requests")
+    if args.engine_reps:
+        print(f"  engine only, multi-LoRA vs merged: {eo['ratio']:.2f}x   (one batch of 32 in-process, no HTTP)")
     serve.shutdown()
     if args.out:
         for v in results.values():
