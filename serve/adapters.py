@@ -110,9 +110,8 @@ class AdapterCache:
                 f"adapter {name!r} ({self.catalogue[name]}) could not be loaded: {type(e).__name__}: {e}. Check that "
                 f"it is a PEFT LoRA adapter trained on this base model") from e
         slot = self.free.pop(0)
-        for layer in self.layers.values():
-            layer.set_rank(weights.rank)
-        for module, (a, b) in weights.modules.items():
+        for module, (a, b) in weights.modules.items():  # layers no adapter targets keep rank 0 (and skip LoRA)
+            self.layers[module].set_rank(a.shape[0])
             self.layers[module].fill(slot, a, b)
         dt = time.perf_counter() - t0
         self.loaded[name] = slot
