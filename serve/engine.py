@@ -100,7 +100,10 @@ def sample_next(logits, rows: list[_Row]):
         if r.temperature == 0:
             out[i] = int(torch.argmax(logits[i]))
             continue
-        probs = torch.softmax(logits[i] / r.temperature, dim=-1)
+        # In float64 and shifted by the max: the same distribution, but a tiny temperature (5e-324 is 0 in float32)
+        # gives 0 for the top logit and -inf for the rest instead of nan, i.e. greedy, as its limit is.
+        scaled = (logits[i].double() - logits[i].max().double()) / r.temperature
+        probs = torch.softmax(scaled, dim=-1).float()
         if r.top_p < 1.0:
             sp, si = torch.sort(probs, descending=True)
             keep = (torch.cumsum(sp, 0) - sp) < r.top_p  # the smallest prefix whose mass reaches top_p

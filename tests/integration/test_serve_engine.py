@@ -93,6 +93,9 @@ def test_sampling_stop_length_and_seed(engine):
     assert first == second  # the same seed gives the same sample, even within one batch
     other = engine.generate_text([_req(engine, None, max_tokens=12, temperature=1.0, seed=8)])[0]
     assert other[1] == 12
+    # a tiny positive temperature samples (no overflow to inf/nan) and tends to the greedy answer
+    for t in (1e-30, 5e-324):  # 5e-324 is the smallest float64, 0 in float32
+        assert engine.generate_text([_req(engine, "a", temperature=t, seed=3)])[0][0] == ANSWER_A
 
 
 def test_int8_quantized_merged_model_checks_agreement(tiny_model_dir, adapters, tmp_path, capsys):
