@@ -18,6 +18,11 @@ import time
 SCORE_NOT_EVALUATED = 1e30  # checkpoints without an eval rank below every evaluated one
 
 
+class WorkerError(RuntimeError):
+    """An error the loop raises on purpose; its message says what is wrong and what to do, so the driver shows
+    it instead of Ray's wrapper with every worker's traceback."""
+
+
 def train_loop_per_worker(config: dict) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["train"]["use_gpu"] else "cpu")
     import psutil
@@ -58,11 +63,11 @@ def train_loop_per_worker(config: dict) -> None:
     with (latest.as_directory() if latest is not None else _nullpath()) as latest_dir:
         path = choose_resume_checkpoint(latest_dir, run_dir, warn=lambda m: say("warning: " + m))
         if path is None and config.get("require_resume"):
-            raise RuntimeError(f"--resume: no intact checkpoint under {run_dir}")
+            raise WorkerError(f"--resume: no intact checkpoint under {run_dir}")
         if path is not None:
             saved = read_state(path)
             if saved["world_size"] != world:
-                raise RuntimeError(
+                raise WorkerError(
                     f"{path} was written by {saved['world_size']} workers and this run has {world}; the data order "
                     f"and DeepSpeed state depend on it. Set train.num_workers: {saved['world_size']} or use a new run name")
             engine.load_checkpoint(os.path.join(path, ENGINE_DIR), tag=ENGINE_TAG, load_module_strict=False)
@@ -120,7 +125,7 @@ def train_loop_per_worker(config: dict) -> None:
             try:
                 write_rank_part(engine, local, rank, world, train.deepspeed.zero_stage, dict(state))
             except OSError as e:
-                raise RuntimeError(f"cannot write checkpoint step {state['global_step']} to the local folder "
+                raise WorkerError(f"cannot write checkpoint step {state['global_step']} to the local folder "
                                    f"{local} ({e}); free space in {tempfile.gettempdir()}") from e
             try:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
@@ -129,7 +134,7 @@ def train_loop_per_worker(config: dict) -> None:
                 # Ray copies into the destination folder directly; a half-copied folder has no complete set
                 # of manifests, so it is never resumed from. Say where, and what is still safe.
                 previous = f"the last intact one is {last_saved[0]}" if last_saved[0] else "none was saved before"
-                raise RuntimeError(
+                raise WorkerError(
                     f"cannot write checkpoint step {state['global_step']} to {os.path.join(run_dir, name)} "
                     f"({type(e).__name__}: {e}). The checkpoints written before it are untouched ({previous}); "
                     f"make the storage writable (permissions, free space, the folder's name taken by a file) "

@@ -245,7 +245,7 @@ def fit(cfg, data: TrainingData, *, resume: bool = False, log: Callable[[str], N
         result = trainer.fit()
     except Exception as e:
         _finish_mlflow(uri, run_id, "FAILED")
-        raise TrainingError(f"training failed: {e}") from e
+        raise TrainingError(f"training failed: {_failure_message(e)}") from e
     finally:
         printer.stop()
         try:
@@ -254,7 +254,7 @@ def fit(cfg, data: TrainingData, *, resume: bool = False, log: Callable[[str], N
             pass
     if result.error:
         _finish_mlflow(uri, run_id, "FAILED")
-        raise TrainingError(f"training failed: {result.error}")
+        raise TrainingError(f"training failed: {_failure_message(result.error)}")
 
     adapter_dir = os.path.join(local_dir, "adapter")
     shutil.rmtree(adapter_dir, ignore_errors=True)
@@ -293,6 +293,17 @@ def fit(cfg, data: TrainingData, *, resume: bool = False, log: Callable[[str], N
                                 "dataset_fingerprint": fingerprint, "plan": plan, "status": "finished",
                                 "adapter": adapter_dir, "checkpoint": chosen, "metrics": _jsonable(metrics)})
     return TrainOutcome(local_dir, metrics, chosen, adapter_dir, run_id, uri, registered, plan)
+
+
+def _failure_message(error) -> str:
+    """The loop's own error (it says what to do) when a worker raised one; otherwise Ray's full report."""
+    from .loop import WorkerError
+
+    failures = getattr(error, "worker_failures", None) or {}  # ray.train.WorkerGroupError: rank -> exception
+    ours = sorted((rank, e) for rank, e in failures.items() if isinstance(e, WorkerError))
+    if ours:
+        return f"worker {ours[0][0]}: {ours[0][1]}"
+    return str(error)
 
 
 def _mlflow_client(uri):

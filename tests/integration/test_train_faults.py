@@ -91,7 +91,8 @@ def test_unwritable_checkpoint_storage_fails_with_a_clear_error(faulty_storage):
     err = faulty_storage["first"]["error"]
     assert isinstance(err, TrainingError), repr(err)
     msg = str(err)
-    assert f"cannot write checkpoint step {STEPS}" in msg, msg
+    assert msg.startswith(f"training failed: worker 0: cannot write checkpoint step {STEPS} to "), msg
+    assert "Traceback" not in msg, msg  # the loop's message, not Ray's wrapper with the worker's traceback
     assert faulty_storage["ckpt"][STEPS] in msg, msg  # the path that could not be written
     assert f"checkpoint_step{B:08d}" in msg and "--resume" in msg, msg  # the intact one, and what to do
 
