@@ -107,6 +107,7 @@ def sample_next(logits, rows: list[_Row]):
         if r.top_p < 1.0:
             sp, si = torch.sort(probs, descending=True)
             keep = (torch.cumsum(sp, 0) - sp) < r.top_p  # the smallest prefix whose mass reaches top_p
+            keep[0] = True  # the top token always (a top_p below float32's range compares as 0)
             sp = sp * keep
             out[i] = si[torch.multinomial(sp / sp.sum(), 1, generator=row.gen)]
         else:

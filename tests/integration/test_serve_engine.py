@@ -96,6 +96,9 @@ def test_sampling_stop_length_and_seed(engine):
     # a tiny positive temperature samples (no overflow to inf/nan) and tends to the greedy answer
     for t in (1e-30, 5e-324):  # 5e-324 is the smallest float64, 0 in float32
         assert engine.generate_text([_req(engine, "a", temperature=t, seed=3)])[0][0] == ANSWER_A
+    # so does a tiny top_p (nucleus of the top token alone), at any temperature
+    for p in (1e-300, 5e-324):
+        assert engine.generate_text([_req(engine, "a", temperature=2.0, top_p=p, seed=3)])[0][0] == ANSWER_A
 
 
 def test_int8_quantized_merged_model_checks_agreement(tiny_model_dir, adapters, tmp_path, capsys):
