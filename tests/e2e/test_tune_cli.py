@@ -161,7 +161,7 @@ def test_trial_that_cannot_fit_is_a_clear_error(repo_root, tiny_model_dir, tmp_p
     cfg = yaml.safe_load((Path(repo_root) / "examples" / "quickstart.yaml").read_text())
     cfg["model"]["name_or_path"] = str(tiny_model_dir)
     cfg["storage_path"] = str(tmp_path)
-    cfg["train"]["num_workers"] = 3  # the CLI's local Ray has ray.num_cpus = 2
+    cfg["train"].update({"num_workers": 3, "cpus_per_worker": 1.0})  # the CLI's local Ray has ray.num_cpus = 2
     cfg["tune"] = {"search_space": {"train.learning_rate": {"choice": [1e-3]}}}
     path = tmp_path / "big.yaml"
     path.write_text(yaml.safe_dump(cfg))
