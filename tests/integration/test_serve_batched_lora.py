@@ -114,6 +114,8 @@ def test_logits_stay_equal_after_eviction_and_reload_into_other_slots(tiny_model
     ("modules_to_save", "modules_to_save"),
     ("lm_head", "LoRA on 'lm_head' (only linear layers of the decoder"),
     ("embedding", "LoRA on embeddings"),
+    ("bias", "trained biases (bias != 'none')"),
+    ("rank_pattern", "per-module ranks (rank_pattern)"),
 ])
 def test_unsupported_adapters_are_refused_naming_the_adapter_and_feature(tiny_model_dir, adapters, tmp_path, kind,
                                                                           words):
@@ -123,7 +125,9 @@ def test_unsupported_adapters_are_refused_naming_the_adapter_and_feature(tiny_mo
     lora = {"dora": dict(r=4, lora_alpha=8, use_dora=True),
             "modules_to_save": dict(r=4, lora_alpha=8, modules_to_save=["lm_head"]),
             "lm_head": dict(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]),
-            "embedding": dict(r=4, lora_alpha=8, target_modules=["embed_tokens"])}[kind]
+            "embedding": dict(r=4, lora_alpha=8, target_modules=["embed_tokens"]),
+            "bias": dict(r=4, lora_alpha=8, bias="lora_only"),
+            "rank_pattern": dict(r=4, lora_alpha=8, rank_pattern={"q_proj": 8})}[kind]
     path = _make_adapter(tiny_model_dir, str(tmp_path / kind), 4, **lora)
     engine = Engine(tiny_model_dir, adapters={"odd": path, "r4": adapters["r4"]}, adapter_cache_size=2)
     ids = engine.tokenizer("hello", add_special_tokens=False)["input_ids"]
