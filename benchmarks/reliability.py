@@ -21,8 +21,8 @@ fault and trained again after it (the work since the last intact checkpoint). Re
 failed; every request sent after the recovery must succeed.
 
     .venv/bin/python benchmarks/reliability.py            # 16-step runs, a 3-minute soak
-    .venv/bin/python benchmarks/reliability.py --quick    # 12-step runs, a 30-second soak (14 min on a loaded
-                                                          # 2-core machine, mostly Ray and DeepSpeed start-up)
+    .venv/bin/python benchmarks/reliability.py --quick    # 12-step runs, a 30-second soak
+Both take 13-15 minutes on a shared 2-core machine, mostly Ray, data and DeepSpeed start-up of the training runs.
     options: --steps N --every K --soak-s S --concurrency C --workdir DIR --out results.json --only a,b
 
 The model is rayft's tiny Llama (no weights can be downloaded here) and the sample data of the quickstart.
