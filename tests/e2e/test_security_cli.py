@@ -74,3 +74,24 @@ def test_promote_denied_for_researcher_allowed_for_engineer(tmp_path, monkeypatc
     assert got[0]["target"] == "models:/bot/2@champion" and got[0]["source"] == "cli"
     assert all(x["ts"].endswith("Z") for x in got)
     assert "mlflow.db" not in audit.read_text()  # targets name models, not stores
+
+
+def test_run_checks_every_action_before_it_starts(tmp_path):
+    """`rayft run` trains (or tunes), promotes and, with --serve, deploys: a user who may train but not promote is
+    refused before any data is read or Ray starts, and each decision is audited."""
+    repo = Path(__file__).resolve().parents[2]
+    audit = tmp_path / "audit.jsonl"
+    env = dict(os.environ, RAYFT_POLICY_FILE=str(POLICY), RAYFT_AUDIT_LOG=str(audit))
+    # carol (researcher) may tune but not promote; the quickstart's search would promote its best trial.
+    out = subprocess.run([RAYFT, "run", "examples/quickstart.yaml", "--set", f"storage_path={tmp_path}/runs"],
+                         cwd=repo, capture_output=True, text=True, timeout=120, env=dict(env, RAYFT_USER="carol"))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "user 'carol' (role researcher) may not promote models:/quickstart@champion" in out.stderr, out.stderr
+    assert "started a local Ray" not in out.stdout and not (tmp_path / "runs").exists()
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(x["action"], x["outcome"]) for x in lines] == [("tune", "allowed"), ("promote", "denied")], lines
+    # --promote never: nothing to promote, but --serve deploys, which a researcher may not do either.
+    out = subprocess.run([RAYFT, "run", "examples/quickstart.yaml", "--promote", "never", "--serve",
+                          "--set", f"storage_path={tmp_path}/runs"], cwd=repo, capture_output=True, text=True,
+                         timeout=120, env=dict(env, RAYFT_USER="carol"))
+    assert out.returncode == 2 and "may not deploy" in out.stderr, out.stdout + out.stderr
