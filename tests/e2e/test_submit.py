@@ -116,6 +116,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _torch_extensions_dir() -> str:
+    """Where torch keeps JIT-built extensions for this user and build (its default, spelled out)."""
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    accel = "cpu" if torch.version.cuda is None else f"cu{torch.version.cuda.replace('.', '')}"
+    py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return os.path.join(get_default_build_root(), f"{py}_{accel}")
+
+
 def _run(cmd, env, timeout_s, cwd=None):
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout_s)
 
@@ -131,6 +141,10 @@ class LocalCluster:
         self.pids: set[int] = set()
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("RAY_", "RAYFT_")) and k not in ("MLFLOW_TRACKING_URI",)}
+        # Caches stay the user's (DeepSpeed's JIT-built ops, font and model caches): a private HOME would rebuild
+        # them in the first job. Only Ray's token and sessions are private.
+        env.setdefault("TORCH_EXTENSIONS_DIR", _torch_extensions_dir())
+        env.setdefault("XDG_CACHE_HOME", str(Path.home() / ".cache"))
         env.update(HOME=str(self.home), PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
                    DS_ACCELERATOR="cpu", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
                    RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
