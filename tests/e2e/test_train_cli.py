@@ -1,8 +1,8 @@
 """`rayft train` as a user runs it: a subprocess on the quickstart config and the tiny model.
 
-The driver is killed (SIGKILL to its whole process group, local Ray included) twice; running the same
-command again, and then with --resume, continues from the last checkpoint and finishes the planned steps
-in one MLflow run. Then `rayft export --merge` on the result.
+The driver is killed (SIGKILL to its whole process group, local Ray included) after a checkpoint; running the
+same command again continues from that checkpoint and finishes the planned steps in one MLflow run. Then
+`rayft export --merge` on the result.
 """
 import json
 import os
@@ -55,7 +55,9 @@ def cli_run(repo_root, tiny_model_dir, tmp_path_factory):
     run_dir = str(storage / "quickstart")
     cmd = _cmd(repo_root, tiny_model_dir, storage)
     logs = []
-    for i, (extra, kill_at) in enumerate((([], 5), ([], 10), (["--resume"], None))):
+    # Killed after checkpoint 5, then the same command again: it continues from there (`--resume` itself is
+    # exercised in tests/integration/test_train_faults.py and below).
+    for i, (extra, kill_at) in enumerate((([], 5), ([], None))):
         path = storage / f"run{i}.log"
         proc, fh = _start(cmd + extra, repo_root, path)
         try:
@@ -70,19 +72,18 @@ def cli_run(repo_root, tiny_model_dir, tmp_path_factory):
 
 
 def test_rerun_and_resume_continue_from_the_last_checkpoint(cli_run):
-    (_, first), (_, second), (code, third) = cli_run["logs"]
+    (_, first), (code, second) = cli_run["logs"]
     assert "resumed from" not in first
-    assert "resumed from checkpoint_step" in second, second
-    assert code == 0, third
-    assert "resumed from checkpoint_step" in third and f"finished {STEPS}/{STEPS} steps" in third, third
+    assert code == 0, second
+    assert "resumed from checkpoint_step" in second and f"finished {STEPS}/{STEPS} steps" in second, second
     run = json.loads(Path(cli_run["run_dir"], "rayft_run.json").read_text())
     assert run["status"] == "finished"
-    assert run["metrics"]["global_step"] == STEPS and run["metrics"]["start_step"] >= 10
+    assert run["metrics"]["global_step"] == STEPS and run["metrics"]["start_step"] >= 5
 
 
 def test_progress_lines_on_the_driver(cli_run):
-    third = cli_run["logs"][2][1]
-    assert f"step {STEPS}/{STEPS}" in third and "tokens/s" in third and "ETA" in third
+    last = cli_run["logs"][-1][1]
+    assert f"step {STEPS}/{STEPS}" in last and "tokens/s" in last and "ETA" in last
 
 
 def test_one_mlflow_run_with_metrics_and_checkpoint_files(cli_run):

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, settings
 pytestmark = pytest.mark.slow
 
 APP = "rayft-faults"
-SOAK_S = float(os.environ.get("RAYFT_SOAK_S", "25"))
+SOAK_S = float(os.environ.get("RAYFT_SOAK_S", "15"))
 LOAD_BODY = {"model": "tiny", "prompt": "hello", "max_tokens": 8, "temperature": 0}
 
 
