@@ -30,6 +30,7 @@ import struct
 import tempfile
 from typing import Iterator, Optional
 
+from .checkpoint import file_sha256
 from .security import SecurityConfig, load_key
 
 MANIFEST = "rayft-manifest.json"
@@ -60,14 +61,6 @@ def _files(folder: str) -> list[str]:
     return out
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def key_id(key: bytes) -> str:
     """A public name of a key: equal keys give equal ids, and the id reveals nothing of the key."""
     return hmac.new(key, b"rayft-key-id-v1", hashlib.sha256).hexdigest()[:16]
@@ -84,7 +77,7 @@ def write_manifest(folder: str, key: Optional[bytes] = None, encrypted: bool = F
     manifest: dict = {"format": 1, "algorithm": "sha256", "files": {}, "encryption": None}
     for rel in _files(folder):
         p = os.path.join(folder, rel)
-        manifest["files"][rel] = {"sha256": _sha256(p), "size": os.path.getsize(p)}
+        manifest["files"][rel] = {"sha256": file_sha256(p), "size": os.path.getsize(p)}
     if encrypted:
         if key is None:
             raise ValueError("write_manifest: an encrypted manifest needs the key for its MAC")
@@ -141,7 +134,7 @@ def verify_manifest(folder: str, key: Optional[bytes] = None) -> dict:
             what = "truncated" if size < want.get("size", 0) else "larger than exported"
             raise ArtifactError(f"{p}: {what} ({size} bytes, the manifest says {want.get('size')}); refusing to "
                                 f"load it. Copy the file again or re-export")
-        if not hmac.compare_digest(_sha256(p), str(want.get("sha256"))):
+        if not hmac.compare_digest(file_sha256(p), str(want.get("sha256"))):
             raise ArtifactError(f"{p}: tampered or corrupted (its SHA-256 does not match the manifest); refusing to "
                                 f"load it. Copy the file again or re-export")
     extra = sorted(set(_files(folder)) - set(listed))

@@ -121,7 +121,7 @@ def write_rank_part(engine, local_dir: str, rank: int, world_size: int, zero_sta
         if p.is_file() and not p.relative_to(root).parts[0] == "manifest":
             written.append(str(p.relative_to(root)))
     manifest = {"rank": rank, "world_size": world_size,
-                "files": {f: {"size": (root / f).stat().st_size, "sha256": _sha256(root / f)} for f in written}}
+                "files": {f: {"size": (root / f).stat().st_size, "sha256": file_sha256(root / f)} for f in written}}
     _write_json(os.path.join(local_dir, "manifest", f"rank{rank}.json"), manifest)
 
 
@@ -133,7 +133,8 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (checkpoint and export manifests)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -166,7 +167,7 @@ def check_checkpoint(path: str) -> Optional[str]:
             f = root / rel
             if not f.is_file():
                 return f"{rel} is missing"
-            if f.stat().st_size != meta["size"] or _sha256(f) != meta["sha256"]:
+            if f.stat().st_size != meta["size"] or file_sha256(f) != meta["sha256"]:
                 return f"{rel} does not match its manifest (size or checksum)"
     return None
 

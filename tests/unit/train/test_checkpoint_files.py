@@ -6,7 +6,7 @@ import random
 import numpy as np
 import torch
 
-from train.checkpoint import _write_json, _sha256, check_checkpoint, choose_resume_checkpoint, rng_state, set_rng_state
+from train.checkpoint import _write_json, file_sha256, check_checkpoint, choose_resume_checkpoint, rng_state, set_rng_state
 from pathlib import Path
 
 
@@ -17,10 +17,10 @@ def fake_checkpoint(root: Path, step: int, world: int = 2) -> str:
         part = d / "engine" / f"rank{r}.bin"
         part.parent.mkdir(parents=True, exist_ok=True)
         part.write_bytes(os.urandom(64))
-        files[str(part.relative_to(d))] = {"size": 64, "sha256": _sha256(part)}
+        files[str(part.relative_to(d))] = {"size": 64, "sha256": file_sha256(part)}
         if r == 0:
             _write_json(str(d / "state.json"), {"global_step": step, "world_size": world})
-            files["state.json"] = {"size": (d / "state.json").stat().st_size, "sha256": _sha256(d / "state.json")}
+            files["state.json"] = {"size": (d / "state.json").stat().st_size, "sha256": file_sha256(d / "state.json")}
         _write_json(str(d / "manifest" / f"rank{r}.json"), {"rank": r, "world_size": world, "files": files})
     return str(d)
 
