@@ -221,7 +221,7 @@ def cmd_run(args) -> int:
     from tune.space import SearchSpaceError
 
     from .access import require
-    from .pipeline import run_pipeline, serve_stage, summary
+    from .pipeline import effective_promotion, run_pipeline, serve_stage, summary
     from .ray_conn import connect
 
     cfg = _load(args)
@@ -229,8 +229,7 @@ def cmd_run(args) -> int:
     what = f"{'search' if cfg.tune is not None else 'run'} {cfg.name} (model {cfg.model.name_or_path})"
     require(cfg, "tune" if cfg.tune is not None else "train", what)
     name = cfg.tracking.register_model if cfg.tracking.register_model is not None else cfg.name
-    policy = args.promote or (cfg.tune.promotion.policy if cfg.tune is not None else "better_eval_loss")
-    if cfg.tracking.enabled and name and policy != "never":
+    if cfg.tracking.enabled and name and effective_promotion(cfg, args.promote).policy != "never":
         require(cfg, "promote", f"models:/{name}@champion")
     if args.serve:
         require(cfg, "deploy", f"models:/{name}@champion" if cfg.tracking.enabled and name else f"{cfg.name} merged")

@@ -56,16 +56,25 @@ def _best_eval_loss(checkpoint: Optional[str], metrics: dict) -> Optional[float]
     return float(loss) if loss is not None else None
 
 
-def run_pipeline(cfg, *, resume: bool = False, policy: Optional[str] = None,
-                 log: Callable[[str], None] = print) -> RunOutcome:
-    """data -> train or tune -> export + merge -> register + promote. Returns where everything is."""
+def effective_promotion(cfg, override: Optional[str] = None):
+    """The promotion policy a run applies: `--promote` when given, else `tune.promotion`, else the default
+    (`better_eval_loss`). The CLI's access check and the crowning both read it from here."""
     from tune.config import PromotionPolicy
 
     promotion = cfg.tune.promotion if cfg.tune is not None else PromotionPolicy()
-    if policy:
-        promotion = promotion.model_copy(update={"policy": policy})
+    if override:
+        promotion = promotion.model_copy(update={"policy": override})
+    return promotion
+
+
+def run_pipeline(cfg, *, resume: bool = False, policy: Optional[str] = None,
+                 log: Callable[[str], None] = print) -> RunOutcome:
+    """data -> train or tune -> export + merge -> register + promote. Returns where everything is."""
+    promotion = effective_promotion(cfg, policy)
     name = cfg.tracking.register_model if cfg.tracking.register_model is not None else cfg.name
     if cfg.tune is not None:
+        # The search crowns its best trial with the config's policy: --promote must reach it there.
+        cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"promotion": promotion})})
         return _run_search(cfg, resume, log)
     return _run_training(cfg, resume, promotion, name or None, log)
 

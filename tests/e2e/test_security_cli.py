@@ -95,3 +95,35 @@ def test_run_checks_every_action_before_it_starts(tmp_path):
                           "--set", f"storage_path={tmp_path}/runs"], cwd=repo, capture_output=True, text=True,
                          timeout=120, env=dict(env, RAYFT_USER="carol"))
     assert out.returncode == 2 and "may not deploy" in out.stderr, out.stdout + out.stderr
+
+
+def test_run_promote_never_reaches_the_search(tmp_path, tiny_model_dir):
+    """`rayft run FILE --promote never` on a config with a `tune:` section: the search's crowning honours the
+    flag (the version stays `challenger`), so a user who may tune but not promote cannot promote this way."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = yaml.safe_load((repo / "examples" / "quickstart.yaml").read_text())
+    cfg["model"]["name_or_path"] = str(tiny_model_dir)
+    cfg["storage_path"] = str(tmp_path / "runs")
+    cfg["name"] = "never"
+    cfg["data"]["max_seq_length"] = 256
+    cfg["train"].update({"num_workers": 1, "max_steps": 2, "eval_every_n_steps": 2, "save_every_n_steps": 2,
+                         "warmup_steps": 0, "micro_batch_size": 4})
+    cfg["tune"] = {"num_samples": 1, "search_space": {"train.learning_rate": {"grid": [5e-3]}},
+                   "asha": {"grace_period_steps": 2, "reduction_factor": 2}, "max_concurrent_trials": 1,
+                   "promotion": {"policy": "always"}}  # --promote must win over the config's policy
+    path = tmp_path / "never.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    audit = tmp_path / "audit.jsonl"
+    env = dict(os.environ, RAYFT_POLICY_FILE=str(POLICY), RAYFT_AUDIT_LOG=str(audit), RAYFT_USER="carol")
+    out = subprocess.run([RAYFT, "run", str(path), "--promote", "never"], cwd=repo, capture_output=True, text=True,
+                         timeout=900, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    uri = f"sqlite:///{tmp_path}/runs/mlflow.db"
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    aliases = dict(getattr(c.get_registered_model("never"), "aliases", None) or {})
+    assert "champion" not in aliases and str(aliases.get("challenger")) == "1", (aliases, out.stdout[-2000:])
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(x["action"], x["outcome"]) for x in lines] == [("tune", "allowed")], lines
