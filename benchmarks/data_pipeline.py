@@ -61,9 +61,9 @@ def generate(folder: str, rows: int, seed: int = 0) -> dict[str, str]:
 
 
 def run_rayft(paths: dict, tok_dir: str, max_len: int) -> dict:
-    from cluster.config import config_from_dict
-    from cluster.ray_conn import connect
-    from data.pipeline import TokenizerSpec, prepare
+    from rayft.cluster.config import config_from_dict
+    from rayft.cluster.ray_conn import connect
+    from rayft.data.pipeline import TokenizerSpec, prepare
 
     t = time.perf_counter()
     connect(num_cpus=2)
@@ -129,7 +129,7 @@ def main() -> int:
     ap.add_argument("--max-seq-length", type=int, default=512)
     args = ap.parse_args()
 
-    from train.tiny_model import build_tokenizer, default_corpus_files
+    from rayft.train.tiny_model import build_tokenizer, default_corpus_files
 
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = os.path.join(tmp, "tok")

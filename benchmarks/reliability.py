@@ -102,7 +102,7 @@ def wait_for(predicate, timeout_s: float, poll_s: float = 0.05, alive=lambda: Tr
 
 
 def intact(run_dir: str, step: int) -> bool:
-    from train.checkpoint import check_checkpoint, checkpoint_dir_name
+    from rayft.train.checkpoint import check_checkpoint, checkpoint_dir_name
 
     path = os.path.join(run_dir, checkpoint_dir_name(step))
     return os.path.isdir(path) and check_checkpoint(path) is None
@@ -174,7 +174,7 @@ def _training_workers():
 
 
 def _fit_in_thread(cfg, data, progress: Progress, resume: bool = False):
-    from train.trainer import fit
+    from rayft.train.trainer import fit
 
     box: dict = {}
 
@@ -216,7 +216,7 @@ def worker_kill(args, cfg, data) -> dict:
 
 def corrupted_latest(args, cfg, data) -> dict:
     """The run of the worker-kill fault is finished; damage its latest checkpoint and `--resume`."""
-    from train.checkpoint import best_and_latest, step_of
+    from rayft.train.checkpoint import best_and_latest, step_of
 
     run_dir = os.path.join(cfg.storage_path, cfg.name)
     latest = best_and_latest(run_dir)["latest"]
@@ -241,7 +241,7 @@ def corrupted_latest(args, cfg, data) -> dict:
 
 
 def unwritable_storage(args, cfg, data) -> dict:
-    from train.checkpoint import checkpoint_dir_name
+    from rayft.train.checkpoint import checkpoint_dir_name
 
     run_dir = os.path.join(cfg.storage_path, cfg.name)
     blocked_step = 2 * args.every
@@ -287,9 +287,9 @@ def serving_faults(args, model_dir: str) -> list[dict]:
     import psutil
     from ray import serve
 
-    from serve.app import build_app
-    from serve.config import ServeConfig
-    from serve.testing import ClosedLoopLoad, recovery, replica_pids
+    from rayft.serve.app import build_app
+    from rayft.serve.config import ServeConfig
+    from tests.serve_helpers import ClosedLoopLoad, recovery, replica_pids
 
     app = "rayft-reliability"
     port = free_port()
@@ -387,7 +387,7 @@ def main(argv=None) -> int:
     os.makedirs(work, exist_ok=True)
     t_start = time.monotonic()
 
-    from train.tiny_model import build_tiny_model
+    from rayft.train.tiny_model import build_tiny_model
 
     model_dir = build_tiny_model(os.path.join(work, "tiny-model"))
     storage = os.path.join(work, "runs")
@@ -396,9 +396,9 @@ def main(argv=None) -> int:
         print("driver kill ...", flush=True)
         rows.append(driver_kill(args, model_dir, storage))
 
-    from cluster.config import load_config
-    from cluster.ray_conn import connect
-    from train.trainer import prepare_training_data
+    from rayft.cluster.config import load_config
+    from rayft.cluster.ray_conn import connect
+    from rayft.train.trainer import prepare_training_data
 
     connect(num_cpus=2)
     quiet = lambda _: None  # noqa: E731

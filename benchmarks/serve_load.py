@@ -138,7 +138,7 @@ def loadavg() -> str:
 def deploy(cfg, model_path: str, name: str):
     from ray import serve
 
-    from serve.app import build_app
+    from rayft.serve.app import build_app
 
     t0 = time.perf_counter()
     serve.run(build_app(cfg, model_path), name=name, route_prefix=f"/{name}", blocking=False)
@@ -150,8 +150,8 @@ def engine_only(base: str, merged: str, adapters: dict[str, str], max_tokens: in
     (row i uses adapter i % 8), alternating `reps` times; medians of output tokens/s."""
     import torch
 
-    from data.chat import render_prompt
-    from serve.engine import Engine, GenRequest
+    from rayft.data.chat import render_prompt
+    from rayft.serve.engine import Engine, GenRequest
 
     torch.set_num_threads(1)
     engines = {"merged": Engine(merged, log=lambda m: None),
@@ -190,10 +190,10 @@ def main() -> int:
 
     from ray import serve
 
-    from cluster.ray_conn import connect
-    from serve.config import ServeConfig
-    from serve.testing import merge_toy_adapter, train_toy_adapter
-    from train.tiny_model import build_tiny_model
+    from rayft.cluster.ray_conn import connect
+    from rayft.serve.config import ServeConfig
+    from rayft.train.tiny_model import build_tiny_model
+    from tests.serve_helpers import merge_toy_adapter, train_toy_adapter
 
     work = args.workdir or tempfile.mkdtemp(prefix="rayft-serve-bench-")
     t0 = time.perf_counter()

@@ -40,7 +40,7 @@ def overrides(workdir: Path, model_dir: str, steps: int, name: str, workers: int
 
 
 def run_rayft(cfg) -> dict:
-    from train.trainer import run_training
+    from rayft.train.trainer import run_training
 
     out = run_training(cfg, log=lambda _: None)
     m = out.metrics
@@ -57,10 +57,10 @@ def child_bare(args) -> dict:
     import torch
     import torch.distributed as dist
 
-    from cluster.config import load_config
-    from data.pack import collate
-    from train.engine import build_engine
-    from train.loss import count_loss_tokens, sum_token_loss
+    from rayft.cluster.config import load_config
+    from rayft.data.pack import collate
+    from rayft.train.engine import build_engine
+    from rayft.train.loss import count_loss_tokens, sum_token_loss
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("gloo", rank=0, world_size=1)
@@ -92,8 +92,9 @@ def child_hf(args) -> dict:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from cluster.config import load_config
-    from train.lora import build_lora_config, resolve_target_modules
+    from rayft.cluster.config import load_config
+    from rayft.models.architectures import resolve_target_modules
+    from rayft.train.lora import build_lora_config
 
     cfg = load_config(ROOT / "examples" / "quickstart.yaml", json.loads(args.overrides))
     L = cfg.data.max_seq_length
@@ -168,10 +169,10 @@ def main() -> None:
         print(json.dumps(child_bare(args) if args.child == "bare" else child_hf(args)))
         return
 
-    from cluster.config import load_config
-    from cluster.ray_conn import connect
-    from data.pipeline import TokenizerSpec, prepare
-    from train.tiny_model import build_tiny_model
+    from rayft.cluster.config import load_config
+    from rayft.cluster.ray_conn import connect
+    from rayft.data.pipeline import TokenizerSpec, prepare
+    from rayft.train.tiny_model import build_tiny_model
 
     workdir = Path(args.workdir).resolve()
     model_dir = str(workdir / "tiny-model")

@@ -58,7 +58,7 @@ def main() -> int:
     ap.add_argument("--max-steps", type=int, default=12)
     args = ap.parse_args()
     lrs = [2e-2, 1e-2, 5e-3, 2.0, 1e-7, 5e-1, 1e-6, 3e-3][: args.trials]
-    from train.tiny_model import build_tiny_model
+    from rayft.train.tiny_model import build_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny_model(os.path.join(tmp, "tiny"))

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-from train.access import AccessDenied, Decision, authorize, current_user, load_policy
-from train.security import SecurityConfig
+from rayft.security.access import AccessDenied, Decision, authorize, current_user, load_policy
+from rayft.security.config import SecurityConfig
 
 
 def security_of(cfg) -> SecurityConfig:

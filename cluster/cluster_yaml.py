@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Optional
 
-
-DEFAULT_CLUSTER_YAML = Path(__file__).resolve().parent.parent / "cluster.yaml"
+# The project's cluster.yaml, shipped as package data (cluster/cluster.yaml links to the file at the project root).
+DEFAULT_CLUSTER_YAML = Path(str(files("rayft.cluster").joinpath("cluster.yaml")))
 
 # GPU model and memory per EC2 instance type (AWS's published specs). `rayft plan` needs the memory
 # of one GPU, which is not in the launcher config. Unknown instance types: set `gpu_memory_gib` by

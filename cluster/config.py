@@ -14,11 +14,13 @@ from typing import Any, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from data.config import DataConfig
-from serve.config import ServeConfig
-from train.config import ModelConfig, TrackingConfig, TrainConfig
-from train.security import SecurityConfig
-from tune.config import TuneConfig
+from rayft.data.config import DataConfig
+from rayft.models.config import ModelConfig
+from rayft.registry.config import TrackingConfig
+from rayft.security.config import SecurityConfig
+from rayft.serve.config import ServeConfig
+from rayft.train.config import TrainConfig
+from rayft.tune.config import TuneConfig
 
 
 class RayConfig(BaseModel):
@@ -63,7 +65,7 @@ class RayftConfig(BaseModel):
     @model_validator(mode="after")
     def _search_space_fits_train(self) -> "RayftConfig":
         if self.tune is not None:
-            from tune.space import SearchSpaceError, validate_space
+            from rayft.tune.space import SearchSpaceError, validate_space
 
             try:
                 validate_space(self.tune, self.train)

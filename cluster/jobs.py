@@ -3,9 +3,9 @@
     rayft submit FILE [--address URL] [--no-wait] -- train|tune|run|serve|data prepare ... [--set k=v]
     rayft jobs list | status ID | logs ID [--follow] | stop ID   [--address URL]
 
-A job runs `python -m cluster.cli <command> FILE ...` on the cluster's head, with the project folder
+A job runs `python -m rayft.cluster.cli <command> FILE ...` on the cluster's head, with the project folder
 uploaded as its `working_dir` (so the cluster runs exactly the code and config you have), the same
-as `ray job submit --working-dir . -- python -m cluster.cli <command> FILE`. Inside the job Ray sets
+as `ray job submit --working-dir . -- python -m rayft.cluster.cli <command> FILE`. Inside the job Ray sets
 `RAY_ADDRESS`, so the command joins the cluster instead of starting a local Ray.
 
 Authentication: Ray 2.60 clusters use token authentication (`RAY_AUTH_MODE=token`; a new local
@@ -153,7 +153,7 @@ def build_entrypoint(config_file: str, command: list[str], root: Path, known: di
     except ValueError:
         raise JobError(f"{config_file}: the config must be inside the project folder {root} (only that folder "
                        "is uploaded to the cluster); copy it under examples/ or a folder of the project") from None
-    argv = ["python", "-m", "cluster.cli", *command[:words], rel.as_posix(), *command[words:]]
+    argv = ["python", "-m", "rayft.cluster.cli", *command[:words], rel.as_posix(), *command[words:]]
     return " ".join(shlex.quote(a) for a in argv), rel.as_posix()
 
 

@@ -43,7 +43,7 @@ def _stage(log, n: int, name: str, text: str) -> None:
 
 def _best_eval_loss(checkpoint: Optional[str], metrics: dict) -> Optional[float]:
     """The eval loss of the checkpoint that is exported (the best one), not the last evaluation's."""
-    from train.checkpoint import read_state
+    from rayft.train.checkpoint import read_state
 
     if checkpoint and "://" not in checkpoint and os.path.isdir(checkpoint):
         try:
@@ -59,7 +59,7 @@ def _best_eval_loss(checkpoint: Optional[str], metrics: dict) -> Optional[float]
 def effective_promotion(cfg, override: Optional[str] = None):
     """The promotion policy a run applies: `--promote` when given, else `tune.promotion`, else the default
     (`better_eval_loss`). The CLI's access check and the crowning both read it from here."""
-    from tune.config import PromotionPolicy
+    from rayft.registry.config import PromotionPolicy
 
     promotion = cfg.tune.promotion if cfg.tune is not None else PromotionPolicy()
     if override:
@@ -80,8 +80,8 @@ def run_pipeline(cfg, *, resume: bool = False, policy: Optional[str] = None,
 
 
 def _run_training(cfg, resume: bool, promotion, name: Optional[str], log) -> RunOutcome:
-    from train.trainer import fit, prepare_training_data
-    from tune.champion import crown_run
+    from rayft.train.trainer import fit, prepare_training_data
+    from rayft.tune.champion import crown_run
 
     _stage(log, 1, "data", f"{len(cfg.data.sources)} source(s) -> {cfg.model.name_or_path}'s tokenizer")
     data = prepare_training_data(cfg, log=log)
@@ -120,7 +120,7 @@ def _fill(result: RunOutcome, crowned, name: Optional[str], export_dir: str, log
 
 
 def _run_search(cfg, resume: bool, log) -> RunOutcome:
-    from tune.search import run_search
+    from rayft.tune.search import run_search
 
     _stage(log, 1, "data", f"{len(cfg.data.sources)} source(s), prepared once for every trial")
     _stage(log, 2, "tune", f"{cfg.tune.num_samples} trial(s) over {', '.join(cfg.tune.search_space)}")
@@ -135,7 +135,7 @@ def _run_search(cfg, resume: bool, log) -> RunOutcome:
     result.merged_dir = out.merged_dir
     name = cfg.tracking.register_model if cfg.tracking.register_model is not None else cfg.name
     if out.registered is not None:
-        from train.tracking import tracking_uri
+        from rayft.registry.tracking import tracking_uri
 
         storage = os.path.abspath(cfg.storage_path) if "://" not in cfg.storage_path else cfg.storage_path
         result.tracking_uri = tracking_uri(cfg.tracking.tracking_uri, storage)
@@ -167,7 +167,7 @@ def summary(out: RunOutcome) -> str:
 
 def serve_stage(cfg, out: RunOutcome, serve: bool, log: Callable[[str], None] = print, port: Optional[int] = None):
     """The ServeConfig and model to serve, or None (and the command to serve later) without --serve."""
-    from serve.config import ServeConfig
+    from rayft.serve.config import ServeConfig
 
     target = out.serve_target
     if not serve:

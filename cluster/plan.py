@@ -77,7 +77,8 @@ def read_model_shape(model_cfg, lora) -> ModelShape:
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from train.lora import LoraTargetError, build_lora_config, resolve_target_modules
+    from rayft.models.architectures import LoraTargetError, resolve_target_modules
+    from rayft.train.lora import build_lora_config
 
     try:
         config = AutoConfig.from_pretrained(

@@ -38,20 +38,28 @@ def chat(base_url: str, model: str, question: str, max_tokens: int = 32, timeout
         return json.loads(r.read())
 
 
+def examples_root() -> Path:
+    """The folder that holds `examples/` (the project in a checkout, the installed package from a wheel): the
+    example configs name their data relative to it."""
+    from importlib.resources import files
+
+    return Path(str(files("rayft.examples"))).parent
+
+
 def run_quickstart(workdir: str, port: Optional[int] = None, fresh: bool = True,
                    log: Callable[[str], None] = print) -> int:
     import ray
     from ray import serve
 
-    from serve.app import served_name, start
-    from train.tiny_model import build_tiny_model
+    from rayft.serve.app import served_name, start
+    from rayft.train.tiny_model import build_tiny_model
 
     from .config import load_config
     from .pipeline import run_pipeline, serve_stage, summary
     from .ray_conn import connect
 
     t0 = time.time()
-    root = Path(__file__).resolve().parent.parent
+    root = examples_root()
     config_path = root / "examples" / "quickstart.yaml"
     work = Path(workdir).resolve()
     model_dir = work / "tiny-model"

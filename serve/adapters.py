@@ -13,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from train.artifacts import opened_for_load
+from rayft.security.artifacts import opened_for_load
 
 from .batched_lora import read_adapter, wrap_linears
 

@@ -108,8 +108,8 @@ class _Metrics:
 class OpenAIServer:
     def __init__(self, serve_cfg: dict, model_path: str, tracking_uri: Optional[str] = None,
                  security_cfg: Optional[dict] = None):
-        from train.access import AuditLog, load_policy
-        from train.security import SecurityConfig
+        from rayft.security.access import AuditLog, load_policy
+        from rayft.security.config import SecurityConfig
 
         from .adapters import find_adapters
         from .auth import KeyStore
@@ -349,7 +349,7 @@ class OpenAIServer:
     def _check_infer(self, who, target: str, adapter: Optional[str]) -> None:
         """The access decision of one inference request (the key's adapters, then the policy's role for its
         tenant): one audit line, allowed or denied, then a 403 when denied."""
-        from train.access import decide
+        from rayft.security.access import decide
 
         tenant = who.tenant if who is not None else "anonymous"  # no keys: loopback only
         if who is not None and not who.may_use(adapter):
@@ -371,7 +371,7 @@ class OpenAIServer:
         """Audit a decision made before the policy (authentication, key bindings). Never the key itself."""
         if self.audit is None:
             return
-        from train.access import Decision
+        from rayft.security.access import Decision
 
         policy = self.policy.path if self.policy else None
         role = self.policy.role_of(tenant, "tenant") if (self.policy and tenant) else None
@@ -402,16 +402,18 @@ class OpenAIServer:
                        f"'{self.name}:<adapter>'); GET /v1/models lists them", param="model", code="model_not_found")
 
     def _gen_request(self, req, chat: bool, version: str, adapter: Optional[str]):
-        from data.chat import render_prompt
-
         from .engine import GenRequest
 
         engine = self.engines[version]
         tok = engine.tokenizer
         if chat:
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+            if not getattr(tok, "chat_template", None):
+                raise APIError(400, f"messages: model {req.model!r} has no chat template, so a chat cannot be rendered "
+                               "for it; send a prompt to /v1/completions instead, or serve a tokenizer with a chat "
+                               "template (rayft exports carry the one they were trained with)", param="messages")
             try:
-                text = render_prompt(messages, tok)
+                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             except Exception as e:  # noqa: BLE001 - a template that cannot render these messages
                 raise APIError(400, f"messages: the chat template cannot render them ({e})", param="messages") from None
             field_name = "messages"
@@ -449,7 +451,7 @@ def build_app(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = N
 
     `security` (train.security.SecurityConfig): weight checks, decryption, and the inference policy and audit log,
     with RAYFT_POLICY_FILE / RAYFT_AUDIT_LOG resolved here, in the driver."""
-    from train.security import SecurityConfig
+    from rayft.security.config import SecurityConfig
 
     sec = security or SecurityConfig()
     sec = sec.model_copy(update={"policy_file": sec.resolved_policy_file, "audit_log": sec.resolved_audit_log})

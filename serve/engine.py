@@ -119,9 +119,9 @@ def load_model(path: str, quantization: str = "none", log: Callable[[str], None]
     """A causal LM in fp32 on CPU (safetensors only unless security.allow_pickle_weights, no remote code),
     optionally int8-quantized (CPU), or loaded in 8-bit / 4-bit with bitsandbytes on the GPU. An exported folder is
     checked against its manifest and decrypted if encrypted."""
-    from train.artifacts import opened_for_load
-    from train.config import ModelConfig
-    from train.model import load_base_model
+    from rayft.models.config import ModelConfig
+    from rayft.models.load import load_base_model
+    from rayft.security.artifacts import opened_for_load
 
     bnb = BNB_MODES.get(quantization)  # bitsandbytes on a CUDA GPU: weights quantized as they load
     with opened_for_load(path, security) as local:
@@ -184,7 +184,7 @@ class Engine:
                  log: Callable[[str], None] = print, on_cache_event=None, seed: int = 0, security=None):
         from transformers import AutoTokenizer
 
-        from train.artifacts import opened_for_load
+        from rayft.security.artifacts import opened_for_load
 
         self.model_path = model_path
         if quantization in BNB_MODES:

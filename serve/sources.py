@@ -76,7 +76,7 @@ def _pin_version(uri: str, tracking_uri: Optional[str]) -> str:
 def _model_root(path: str) -> str:
     """The folder with config.json, adapter_config.json or a rayft manifest (an encrypted export); registry
     artifacts may add one level."""
-    from train.artifacts import MANIFEST
+    from rayft.security.artifacts import MANIFEST
 
     for root, _dirs, files in os.walk(path):
         if {"config.json", "adapter_config.json", MANIFEST} & set(files):

@@ -43,7 +43,7 @@ def sample_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """Folder with config.json, model.safetensors and tokenizer files of a tiny Llama."""
-    from train.tiny_model import build_tiny_model
+    from rayft.train.tiny_model import build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny-model")
     return build_tiny_model(str(out))
@@ -61,7 +61,7 @@ def ray_local():
     """A local Ray for the whole session (cluster.ray_conn.connect uses address="local")."""
     import ray
 
-    from cluster.ray_conn import connect
+    from rayft.cluster.ray_conn import connect
 
     started_here = not ray.is_initialized()
     connect(num_cpus=2)

@@ -13,13 +13,14 @@ interrupted while saving (or a copy cut short) leaves the previous checkpoint as
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import re
 from pathlib import Path
 from typing import Callable, Optional
+
+from rayft.security.artifacts import file_sha256
 
 STATE_FILE = "state.json"
 ENGINE_DIR = "engine"
@@ -133,13 +134,6 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def file_sha256(path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks (checkpoint and export manifests)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------- reading

@@ -1,4 +1,4 @@
-"""The `model:`, `train:` and `tracking:` sections of a rayft config.
+"""The `train:` section of a rayft config.
 
 Every field is documented; names are ours (`lora.rank`, `deepspeed.zero_stage`) and are mapped to the
 libraries' names in one place each (`train/lora.py` for PEFT, `train/ds_config.py` for DeepSpeed).
@@ -13,33 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
-
-class ModelConfig(_Section):
-    """The base model. Loaded with `from_pretrained`, the same path for a hub id and a local folder."""
-
-    name_or_path: str = Field(description="Hub id (`Qwen/Qwen2.5-0.5B-Instruct`) or local folder (`runs/tiny-model`).")
-    tokenizer: Optional[str] = Field(default=None, description="Tokenizer id or folder; defaults to `name_or_path`.")
-    revision: Optional[str] = Field(default=None, description="Hub revision (branch, tag or commit) to pin.")
-    trust_remote_code: bool = Field(
-        default=False, description="Run code shipped with the model. Off unless you trust its author."
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="`auto`: bf16 on GPUs that support it, fp32 on CPU."
-    )
-    quantization: Literal["none", "4bit", "8bit"] = Field(
-        default="none",
-        description="QLoRA: load the frozen base in 4-bit (NF4, double quantization) or 8-bit with bitsandbytes. "
-        "Needs a CUDA GPU; refused on CPU (use `none`, with `train.deepspeed.offload_params` if memory is short).",
-    )
-    attn_implementation: Literal["sdpa", "eager"] = Field(
-        default="sdpa",
-        description="Attention kernel. Both build the block-diagonal mask packed rows need from restarting "
-        "`position_ids`.",
-    )
-
-    @property
-    def tokenizer_name_or_path(self) -> str:
-        return self.tokenizer or self.name_or_path
 
 
 class LoraSettings(_Section):
@@ -162,19 +135,3 @@ class TrainConfig(_Section):
     @property
     def rows_per_step(self) -> int:
         return self.micro_batch_size * self.accumulation_steps * self.num_workers
-
-
-class TrackingConfig(_Section):
-    """MLflow tracking and model registry."""
-
-    enabled: bool = Field(default=True, description="Log params, metrics and artifacts to MLflow.")
-    tracking_uri: Optional[str] = Field(
-        default=None,
-        description="MLflow server or store URI. Unset: `sqlite:///<storage_path>/mlflow.db` with artifacts in "
-        "`<storage_path>/mlartifacts` (a server URI is needed when workers run on other machines).",
-    )
-    experiment: str = Field(default="rayft", description="MLflow experiment name.")
-    register_model: Optional[str] = Field(
-        default=None,
-        description="Registered model name for the trained adapter; unset: the run name. Empty string: do not register.",
-    )

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .config import ModelConfig, TrainConfig
+from rayft.models.config import ModelConfig
+
+from .config import TrainConfig
 
 
 def build_engine(model_cfg: ModelConfig, train: TrainConfig, warmup_steps: int, total_steps: int, device,
@@ -12,8 +14,10 @@ def build_engine(model_cfg: ModelConfig, train: TrainConfig, warmup_steps: int, 
     import deepspeed
     import torch
 
+    from rayft.models.load import choose_dtype
+
     from .ds_config import build_deepspeed_config
-    from .model import build_peft_model, check_quantization, choose_dtype
+    from .model import build_peft_model, check_quantization
     from .schedule import lr_lambda
 
     # Same seed on every rank: identical LoRA init (DeepSpeed also broadcasts rank 0's weights).

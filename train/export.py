@@ -20,10 +20,12 @@ import shutil
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .artifacts import finish_export, opened_for_load
+from rayft.data.chat import DEFAULT_CHAT_TEMPLATE
+from rayft.models.config import ModelConfig
+from rayft.security.artifacts import finish_export, opened_for_load
+from rayft.security.config import SecurityConfig
+
 from .checkpoint import ADAPTER_DIR, best_and_latest, check_checkpoint
-from .config import ModelConfig
-from .security import SecurityConfig
 
 TOLERANCE = {"float32": (1e-4, 1e-5), "bfloat16": (5e-2, 1e-2), "float16": (5e-2, 1e-2)}
 PROBE_TEXTS = [
@@ -80,6 +82,10 @@ def export_run(run_dir: str, out_dir: str, merge: bool = False, which: str = "be
     shutil.rmtree(adapter_out, ignore_errors=True)
     shutil.copytree(source, adapter_out)
     tokenizer = _load_tokenizer(model_cfg, security)
+    # The export carries the chat template the model was trained with, so a server renders chats exactly as
+    # training did (the data config's template, else the tokenizer's own, else rayft's default layout).
+    tokenizer.chat_template = ((run["config"].get("data") or {}).get("chat_template") or tokenizer.chat_template
+                               or DEFAULT_CHAT_TEMPLATE)
     tokenizer.save_pretrained(adapter_out)
     log(f"adapter from {source} -> {adapter_out}")
     result = ExportResult(adapter_out, None, None, None)
@@ -101,8 +107,8 @@ def export_run(run_dir: str, out_dir: str, merge: bool = False, which: str = "be
 
 def register_export(run: dict, result: ExportResult, name: str):
     """Log the exported folder into the run's MLflow run and register it as a version of `name`."""
-    from .registry import register_version
-    from .tracking import client
+    from rayft.registry.tracking import client
+    from rayft.registry.versions import register_version
 
     if not run.get("mlflow_run_id"):
         raise ExportError("--register needs the run's MLflow run; this run was trained with tracking.enabled: false")

@@ -30,15 +30,23 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from data.pack import collate
+    from rayft.data.pack import collate
+    from rayft.models.config import ModelConfig
+    from rayft.registry.tracking import log_metrics
 
-    from .checkpoint import (ENGINE_DIR, ENGINE_TAG, checkpoint_dir_name, choose_resume_checkpoint, read_state,
-                             set_rng_state, write_rank_part)
-    from .config import ModelConfig, TrainConfig
+    from .checkpoint import (
+        ENGINE_DIR,
+        ENGINE_TAG,
+        checkpoint_dir_name,
+        choose_resume_checkpoint,
+        read_state,
+        set_rng_state,
+        write_rank_part,
+    )
+    from .config import TrainConfig
     from .early_stopping import observe_eval
     from .engine import build_engine
     from .loss import count_loss_tokens, sum_token_loss
-    from .tracking import log_metrics
 
     model_cfg = ModelConfig.model_validate(config["model"])
     train = TrainConfig.model_validate(config["train"])

@@ -1,7 +1,7 @@
 """Loss on assistant tokens only: summed per micro batch, divided by the unmasked tokens of the whole window."""
 from __future__ import annotations
 
-from data.pack import IGNORE_INDEX
+from rayft.data.pack import IGNORE_INDEX
 
 
 def sum_token_loss(logits, labels):

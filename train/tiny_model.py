@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional
 
-from data.chat import DEFAULT_CHAT_TEMPLATE
+from rayft.data.chat import DEFAULT_CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<|pad|>", "<|begin_of_text|>", "<|im_start|>", "<|im_end|>"]
 
@@ -27,7 +27,9 @@ def _corpus(files: Iterable[str]) -> Iterable[str]:
 
 
 def default_corpus_files() -> list[str]:
-    here = Path(__file__).resolve().parent.parent / "examples" / "data"
+    from importlib.resources import files
+
+    here = Path(str(files("rayft.examples").joinpath("data")))  # package data: works from a wheel too
     return sorted(p for p in glob.glob(str(here / "*")) if p.endswith((".json", ".jsonl", ".csv")))
 
 

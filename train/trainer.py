@@ -15,8 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from rayft.models.config import ModelConfig
+
 from .checkpoint import ADAPTER_DIR, best_and_latest
-from .config import ModelConfig, TrainConfig
+from .config import TrainConfig
 
 RUN_FILE = "rayft_run.json"
 
@@ -26,8 +28,9 @@ class TrainingError(RuntimeError):
 
 
 def _user_errors() -> tuple:
+    from rayft.models.architectures import LoraTargetError
+
     from .ds_config import DeepSpeedConfigError
-    from .lora import LoraTargetError
     from .model import QuantizationUnavailable
 
     return (TrainingError, QuantizationUnavailable, LoraTargetError, DeepSpeedConfigError)
@@ -63,7 +66,7 @@ def check_lora_targets(model: ModelConfig, train: TrainConfig) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .lora import resolve_target_modules
+    from rayft.models.architectures import resolve_target_modules
 
     hf_config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
                                            trust_remote_code=model.trust_remote_code)
@@ -127,13 +130,13 @@ def plan_for(train: TrainConfig, data: "TrainingData") -> dict:
 
 def prepare_training_data(cfg, log: Callable[[str], None] = print) -> TrainingData:
     """Check the model settings, run the data pipeline, fix the row order, fingerprint the data."""
-    from data.pipeline import TokenizerSpec, prepare
+    from rayft.data.pipeline import TokenizerSpec, prepare
 
     train, model = cfg.train, cfg.model
     check_before_start(model, train)
     spec = TokenizerSpec(model.tokenizer_name_or_path, model.revision, model.trust_remote_code)
     prepared = prepare(cfg.data, spec, micro_batch_size=train.micro_batch_size, log=log)
-    from data.pipeline import format_report
+    from rayft.data.pipeline import format_report
 
     log(format_report(prepared.report))
     train_ds = prepared.train.random_shuffle(seed=train.seed) if train.shuffle else prepared.train
@@ -168,8 +171,9 @@ def fit(cfg, data: TrainingData, *, resume: bool = False, log: Callable[[str], N
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
+    from rayft.registry.tracking import git_commit, open_run, tracking_uri
+
     from .loop import train_loop_per_worker
-    from .tracking import git_commit, open_run, tracking_uri
 
     t_start = time.time()
     train, model, tracking_cfg = cfg.train, cfg.model, cfg.tracking
@@ -185,7 +189,7 @@ def fit(cfg, data: TrainingData, *, resume: bool = False, log: Callable[[str], N
     with open(report_path, "w", encoding="utf-8") as f:
         json.dump(data.report, f, indent=2)
     if data.rejects is not None:  # every rejected row, with its source, line and reason
-        from data.pipeline import write_rejects
+        from rayft.data.pipeline import write_rejects
 
         n_rejects = write_rejects(data.rejects, os.path.join(local_dir, "rejects.jsonl"))
         log(f"data: {n_rejects} rejected row(s) in {os.path.join(local_dir, 'rejects.jsonl')}, "
@@ -281,7 +285,7 @@ def fit(cfg, data: TrainingData, *, resume: bool = False, log: Callable[[str], N
         c.log_metric(run_id, "duration_s", duration)
         model_name = cfg.name if tracking_cfg.register_model is None else tracking_cfg.register_model
         if model_name and register:
-            from .registry import register_version
+            from rayft.registry.versions import register_version
 
             registered = register_version(uri, model_name, run_id, "adapter", lineage={
                 "kind": "adapter", "base_model": model.name_or_path, "peft_type": "LORA", "lora_rank": train.lora.rank,
@@ -307,7 +311,7 @@ def _failure_message(error) -> str:
 
 
 def _mlflow_client(uri):
-    from .tracking import client
+    from rayft.registry.tracking import client
 
     return client(uri)
 

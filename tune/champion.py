@@ -1,8 +1,5 @@
-"""Crowning: the search's best adapter is merged, registered as `challenger`, and promoted to
-`champion` by the config's policy.
-
-`better_eval_loss` compares eval losses only when both versions were measured on the same eval set
-(same dataset fingerprint); otherwise the challenger stays a challenger and the log says why.
+"""Crowning: the best adapter (of a search, or of a training run) is merged, registered as `challenger`,
+and promoted to `champion` when the promotion policy (`rayft.registry.promotion`) says so.
 """
 from __future__ import annotations
 
@@ -10,42 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-CHALLENGER, CHAMPION = "challenger", "champion"
-
-
-def current_version(uri: str, name: str, alias: str):
-    from mlflow.exceptions import MlflowException
-
-    from train.tracking import client
-
-    try:
-        return client(uri).get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-
-
-def decide(policy: str, min_improvement: float, challenger_loss: Optional[float], challenger_fp: Optional[str],
-           champion) -> tuple[bool, str]:
-    """(promote?, why) for a challenger against the current champion version (or None)."""
-    if policy == "never":
-        return False, "policy `never`: the new version stays `challenger`"
-    if policy == "always":
-        return True, "policy `always`"
-    if champion is None:
-        return True, "there is no champion yet"
-    tags = dict(champion.tags or {})
-    if challenger_fp is None or tags.get("dataset_fingerprint") != challenger_fp:
-        return False, (f"champion v{champion.version} was measured on another eval set (fingerprint "
-                       f"{tags.get('dataset_fingerprint')} vs {challenger_fp}); eval losses are not comparable, so "
-                       f"the new version stays `challenger` (promote it by hand after checking)")
-    try:
-        champion_loss = float(tags["eval_loss"])
-    except (KeyError, ValueError):
-        return True, f"champion v{champion.version} has no eval loss recorded"
-    if challenger_loss is not None and challenger_loss < champion_loss - min_improvement:
-        return True, f"eval loss {challenger_loss:.4f} beats champion v{champion.version}'s {champion_loss:.4f}"
-    return False, (f"eval loss {challenger_loss:.4f} does not beat champion v{champion.version}'s "
-                   f"{champion_loss:.4f} by more than {min_improvement}")
+from rayft.registry.promotion import CHALLENGER, CHAMPION, current_version, decide
 
 
 @dataclass
@@ -63,9 +25,9 @@ def crown_run(run_dir: str, out_dir: str, name: Optional[str], uri: Optional[str
               tags: Optional[dict] = None) -> Crowned:
     """Export and merge the best checkpoint of `run_dir`, register it as `challenger` of `name`, and promote it to
     `champion` when the policy says so. Used by `rayft tune` (its best trial) and `rayft run` (the training run)."""
-    from train.export import export_run
-    from train.registry import promote
-    from train.tracking import client
+    from rayft.registry.tracking import client
+    from rayft.registry.versions import promote
+    from rayft.train.export import export_run
 
     result = export_run(run_dir, out_dir, merge=True, log=log, register=name if (uri and name) else None)
     if not (uri and name and result.registered):

@@ -15,6 +15,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rayft.registry.config import PromotionPolicy
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
@@ -65,17 +67,6 @@ class AshaSettings(_Section):
         default=None, ge=1, description="Steps of a full trial; unset: the train section's plan (max_steps or epochs)."
     )
 
-
-class PromotionPolicy(_Section):
-    """When the search's best adapter replaces the registered champion."""
-
-    policy: Literal["better_eval_loss", "always", "never"] = Field(
-        default="better_eval_loss",
-        description="`better_eval_loss`: the challenger becomes champion when its eval loss on the same eval set "
-        "beats the champion's by more than `min_improvement` (or when there is no champion); `always`; `never` "
-        "(alias `challenger` only).",
-    )
-    min_improvement: float = Field(default=0.0, ge=0.0, description="Required eval-loss margin.")
 
 
 class TuneConfig(_Section):

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from train.trainer import TrainingError
+from rayft.train.trainer import TrainingError
 
 from .space import apply_params, to_tune_space, validate_space
 
@@ -92,7 +92,7 @@ def _trial_driver(config: dict, cfg=None, data=None, search_dir: str = "", paren
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from train.trainer import fit
+    from rayft.train.trainer import fit
 
     params = {k: v for k, v in config.items() if k.startswith("train.")}
     trial_train = trial_train_config(apply_params(cfg.train, params))
@@ -119,8 +119,8 @@ def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) ->
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from train.trainer import prepare_training_data
-    from train.tracking import open_run, tracking_uri
+    from rayft.registry.tracking import open_run, tracking_uri
+    from rayft.train.trainer import prepare_training_data
 
     tcfg = cfg.tune
     if tcfg is None:
@@ -155,7 +155,7 @@ def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) ->
                  if tcfg.asha.enabled else FIFOScheduler())
     from ray.util.queue import Queue
 
-    from train.trainer import ProgressPrinter
+    from rayft.train.trainer import ProgressPrinter
 
     log_queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
     printer = ProgressPrinter(log_queue, log)
@@ -205,7 +205,7 @@ def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) ->
         f"({100 * (1 - outcome.compute_fraction):.0f}% saved) in {time.time() - t0:.0f}s")
     outcome.mlflow_parent_run_id = parent_id
     if uri and parent_id:
-        from train.tracking import client
+        from rayft.registry.tracking import client
 
         c = client(uri)
         c.log_metric(parent_id, "trial_steps_run", outcome.steps_run)

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from train.config import TrainConfig
+from rayft.train.config import TrainConfig
 
 from .config import Choice, Grid, LogUniform, RandInt, Times, TuneConfig, Uniform, canonical_key
 

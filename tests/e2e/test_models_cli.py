@@ -13,7 +13,7 @@ def _rayft(*args):
 def test_register_promote_rollback_round_trip(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from train.registry import register_version
+    from rayft.registry.versions import register_version
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     c = MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -13,7 +13,7 @@ POLICY = Path(__file__).resolve().parents[2] / "examples" / "security" / "policy
 def _registry(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from train.registry import register_version
+    from rayft.registry.versions import register_version
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     c = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -49,7 +49,7 @@ def test_promote_denied_for_researcher_allowed_for_engineer(tmp_path, monkeypatc
     assert str(c.get_model_version_by_alias("bot", "champion").version) == "2"
 
     # The rest in-process through the same entry point (cluster.cli.main), to keep the test short.
-    from cluster.cli import main
+    from rayft.cluster.cli import main
 
     monkeypatch.setenv("RAYFT_POLICY_FILE", str(POLICY))
     monkeypatch.setenv("RAYFT_AUDIT_LOG", str(audit))

@@ -20,7 +20,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def merged(tiny_model_dir, tmp_path_factory):
-    from serve.testing import merge_toy_adapter, train_toy_adapter
+    from tests.serve_helpers import merge_toy_adapter, train_toy_adapter
 
     root = tmp_path_factory.mktemp("serve-cli")
     adapter = train_toy_adapter(tiny_model_dir, str(root / "adapter"), ANSWER)
@@ -34,8 +34,8 @@ def _run(args, cwd, timeout_s=240):
 
 def test_serve_the_champion_from_a_config_file(repo_root, merged, tmp_path):
     """The config's serve: section names a registry alias; the tracking URI comes from the config too."""
-    from train.registry import register_version
-    from train.tracking import client
+    from rayft.registry.tracking import client
+    from rayft.registry.versions import register_version
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     c = client(uri)

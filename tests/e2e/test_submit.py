@@ -35,7 +35,7 @@ VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 RAYFT = str(VENV_BIN / "rayft")
 CONFIG = "examples/quickstart.yaml"
-# The jobs under test run `python -m cluster.cli <command> CONFIG --set ...` on the cluster: a short training
+# The jobs under test run `python -m rayft.cluster.cli <command> CONFIG --set ...` on the cluster: a short training
 # run on the tiny model (2 workers, ZeRO-2, 4 steps), without the quickstart's search.
 TRAIN_JOB = ("train",)
 RUN_JOB = ("run",)
@@ -273,7 +273,7 @@ def test_ray_job_submit_cli(cluster, repo_root, tiny_model_dir, tmp_path):
     env = dict(cluster.env, RAY_AUTH_MODE="token")  # Ray's CLI attaches the token in token mode
     cmd = [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(repo_root),
            "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git", "mlruns"]}),
-           "--", "python", "-m", "cluster.cli", *_job_args(TRAIN_JOB, tiny_model_dir, storage)]
+           "--", "python", "-m", "rayft.cluster.cli", *_job_args(TRAIN_JOB, tiny_model_dir, storage)]
     out = _run(cmd, env, JOB_TIMEOUT_S, cwd=repo_root)
     assert out.returncode == 0, f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
     assert "succeeded" in out.stdout.lower(), out.stdout[-2000:]

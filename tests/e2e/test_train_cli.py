@@ -34,7 +34,7 @@ def _start(cmd, cwd, log_path):
 
 def _kill_after_checkpoint(proc, run_dir, step, timeout_s=400):
     """SIGKILL the driver's process group once checkpoint `step` is intact; True if it was killed mid-run."""
-    from train.checkpoint import check_checkpoint, checkpoint_dir_name
+    from rayft.train.checkpoint import check_checkpoint, checkpoint_dir_name
 
     target = os.path.join(run_dir, checkpoint_dir_name(step))
     deadline = time.time() + timeout_s
@@ -87,7 +87,7 @@ def test_progress_lines_on_the_driver(cli_run):
 
 
 def test_one_mlflow_run_with_metrics_and_checkpoint_files(cli_run):
-    from train.tracking import RUN_TAG, client
+    from rayft.registry.tracking import RUN_TAG, client
 
     c = client(f"sqlite:///{cli_run['storage']}/mlflow.db")
     exp = c.get_experiment_by_name("rayft")
@@ -104,7 +104,7 @@ def test_one_mlflow_run_with_metrics_and_checkpoint_files(cli_run):
 
 
 def test_export_cli_merged(cli_run, repo_root, tmp_path):
-    from train.registry import list_versions
+    from rayft.registry.versions import list_versions
 
     out = subprocess.run([RAYFT, "export", cli_run["run_dir"], "--out", str(tmp_path), "--merge",
                           "--register", "quickstart-merged"], cwd=repo_root, capture_output=True, text=True, timeout=300)

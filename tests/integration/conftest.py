@@ -10,7 +10,7 @@ ANSWER_C = "Maybe later."
 def toy_adapters(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
     """Three adapters on the tiny model whose greedy answers to the training prompts are ANSWER_A/B/C.
     Read-only: tests that need to change an adapter copy it first."""
-    from serve.testing import train_toy_adapter
+    from tests.serve_helpers import train_toy_adapter
 
     root = tmp_path_factory.mktemp("toy-adapters")
     return {

@@ -1,5 +1,4 @@
 """The data pipeline on a local Ray, on the bundled sample data (examples/data/README.md lists its bad rows)."""
-import copy
 import json
 import os
 import re
@@ -12,10 +11,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.config import config_from_dict
-from data.formats import SourceError
-from data.pipeline import TokenizerSpec, plan_sources, prepare
-from data.schemas import REJECT_REASONS
+from rayft.cluster.config import config_from_dict
+from rayft.data.formats import SourceError
+from rayft.data.pipeline import TokenizerSpec, plan_sources, prepare
+from rayft.data.schemas import REJECT_REASONS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -314,7 +313,7 @@ def test_source_errors_before_any_work(tmp_path, tiny_model_dir):
 def _cli(*args, timeout):
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *map(str, args)], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "rayft.cluster.cli", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

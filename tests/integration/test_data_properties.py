@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from data.formats import iter_records
-from data.schemas import REJECT_REASONS, SCHEMAS, Reject, content_key, normalise
+from rayft.data.formats import iter_records
+from rayft.data.schemas import REJECT_REASONS, SCHEMAS, Reject, content_key, normalise
 
 FORMATS = ("jsonl", "json", "csv", "parquet")
 FIELDS = {  # the columns each schema reads
@@ -286,8 +286,8 @@ def random_sources(draw):
 @given(sources=random_sources(), packing=st.booleans(), redact=st.booleans())
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
 def test_prepare_end_to_end_never_crashes_and_accounts_for_every_row(ray_local, tiny_model_dir, tmp_path_factory, sources, packing, redact):
-    from cluster.config import config_from_dict
-    from data.pipeline import TokenizerSpec, prepare
+    from rayft.cluster.config import config_from_dict
+    from rayft.data.pipeline import TokenizerSpec, prepare
 
     folder = tmp_path_factory.mktemp("prop")
     written, cfg_sources = {}, []

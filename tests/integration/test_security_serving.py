@@ -12,23 +12,23 @@ KEY_B64 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="  # a test key; real key
 
 @pytest.fixture
 def secured(monkeypatch):
-    from train.security import SecurityConfig
+    from rayft.security.config import SecurityConfig
 
     monkeypatch.setenv("RAYFT_TEST_KEY", KEY_B64)
     return SecurityConfig(encrypt_artifacts=True, key_env="RAYFT_TEST_KEY")
 
 
 def _greedy(engine, text="hello", adapter=None):
-    from serve.engine import GenRequest
+    from rayft.serve.engine import GenRequest
 
     ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
     return engine.generate_text([GenRequest(ids, 8, temperature=0.0, adapter=adapter)])[0][0]
 
 
 def test_encrypted_export_serves_like_the_plain_one_and_tampering_is_refused(tiny_model_dir, tmp_path, secured):
-    from serve.engine import Engine
-    from serve.testing import train_toy_adapter
-    from train.artifacts import ArtifactError, finish_export
+    from rayft.security.artifacts import ArtifactError, finish_export
+    from rayft.serve.engine import Engine
+    from tests.serve_helpers import train_toy_adapter
 
     adapter = train_toy_adapter(tiny_model_dir, str(tmp_path / "adapter"), "We open at nine.", steps=15)
     merged = str(tmp_path / "merged")
@@ -46,7 +46,7 @@ def test_encrypted_export_serves_like_the_plain_one_and_tampering_is_refused(tin
     assert _greedy(eng, adapter="a") == want_adapter
 
     # Without the key the encrypted export does not load at all.
-    from train.security import ArtifactKeyError, SecurityConfig
+    from rayft.security.config import ArtifactKeyError, SecurityConfig
 
     with pytest.raises(ArtifactKeyError, match="RAYFT_MISSING_KEY"):
         Engine(merged, security=SecurityConfig(key_env="RAYFT_MISSING_KEY"))
@@ -63,8 +63,8 @@ def test_encrypted_export_serves_like_the_plain_one_and_tampering_is_refused(tin
 
 
 def test_pickle_weights_refused_by_the_engine(tiny_model_dir, tmp_path):
-    from serve.engine import Engine
-    from train.artifacts import ArtifactError
+    from rayft.security.artifacts import ArtifactError
+    from rayft.serve.engine import Engine
 
     folder = str(tmp_path / "model")
     shutil.copytree(tiny_model_dir, folder)
@@ -76,10 +76,10 @@ def test_pickle_weights_refused_by_the_engine(tiny_model_dir, tmp_path):
 
 def test_server_inference_decisions_are_audited(tmp_path, repo_root):
     """The real decision method of the server on a replica's state (policy + audit log), without Ray Serve."""
-    from serve.app import OpenAIServer
-    from serve.auth import KeyStore, Principal, hash_key
-    from serve.schemas import APIError
-    from train.access import AuditLog, load_policy
+    from rayft.security.access import AuditLog, load_policy
+    from rayft.serve.app import OpenAIServer
+    from rayft.serve.auth import KeyStore, Principal, hash_key
+    from rayft.serve.schemas import APIError
 
     cls = OpenAIServer.func_or_class
     audit_path = tmp_path / "audit.jsonl"

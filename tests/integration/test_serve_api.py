@@ -30,10 +30,10 @@ def server(ray_local, tiny_model_dir, toy_adapters, tmp_path_factory):
     import yaml
     from ray import serve
 
-    from serve.app import build_app
-    from serve.auth import hash_key
-    from serve.config import ABSplit, ABVersion, ServeConfig
-    from serve.testing import merge_toy_adapter
+    from rayft.serve.app import build_app
+    from rayft.serve.auth import hash_key
+    from rayft.serve.config import ABSplit, ABVersion, ServeConfig
+    from tests.serve_helpers import merge_toy_adapter
 
     root = tmp_path_factory.mktemp("serve-api")
     ad = dict(toy_adapters)  # a, b, c answer ANSWER_A, ANSWER_B, "Maybe later." (tests/integration/conftest.py)
@@ -41,8 +41,8 @@ def server(ray_local, tiny_model_dir, toy_adapters, tmp_path_factory):
     (root / "broken" / "adapter_config.json").write_text("{}")  # on disk, but not a loadable adapter
     ad["broken"] = str(root / "broken")
     # an adapter from the MLflow registry (SQLite): b logged by a run, registered, alias champion
-    from train.registry import register_version
-    from train.tracking import client
+    from rayft.registry.tracking import client
+    from rayft.registry.versions import register_version
 
     tracking = f"sqlite:///{root}/mlflow.db"
     c = client(tracking)

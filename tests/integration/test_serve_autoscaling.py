@@ -38,8 +38,8 @@ def _wait_for(predicate, timeout_s: float, poll_s: float = 0.5) -> float:
 def test_replicas_follow_load_up_and_back_down(ray_local, tiny_model_dir):
     from ray import serve
 
-    from serve.app import build_app
-    from serve.config import AutoscalingSettings, ServeConfig
+    from rayft.serve.app import build_app
+    from rayft.serve.config import AutoscalingSettings, ServeConfig
 
     port = _free_port()
     cfg = ServeConfig(model=tiny_model_dir, model_name="tiny", port=port, num_cpus_per_replica=0.5, torch_threads=1,

@@ -73,7 +73,7 @@ def _compare(engine, peft_model, plan):
 
 
 def test_mixed_batch_logits_equal_peft(tiny_model_dir, adapters, peft_model):
-    from serve.engine import Engine
+    from rayft.serve.engine import Engine
 
     engine = Engine(tiny_model_dir, adapters=adapters, adapter_cache_size=3)
     plan = ["r4", None, "r8-rslora", "r2-kgate-l1", "r8-rslora", "r4", None]
@@ -88,7 +88,7 @@ def test_mixed_batch_logits_equal_peft(tiny_model_dir, adapters, peft_model):
 
 
 def test_logits_stay_equal_after_eviction_and_reload_into_other_slots(tiny_model_dir, adapters, peft_model):
-    from serve.engine import Engine
+    from rayft.serve.engine import Engine
 
     engine = Engine(tiny_model_dir, adapters=adapters, adapter_cache_size=1)  # slots 1 and 2 take turns
     assert _compare(engine, peft_model, ["r8-rslora", None, "r8-rslora"])[0] < TOL
@@ -119,8 +119,8 @@ def test_logits_stay_equal_after_eviction_and_reload_into_other_slots(tiny_model
 ])
 def test_unsupported_adapters_are_refused_naming_the_adapter_and_feature(tiny_model_dir, adapters, tmp_path, kind,
                                                                           words):
-    from serve.adapters import AdapterLoadError
-    from serve.engine import Engine, GenRequest
+    from rayft.serve.adapters import AdapterLoadError
+    from rayft.serve.engine import Engine, GenRequest
 
     lora = {"dora": dict(r=4, lora_alpha=8, use_dora=True),
             "modules_to_save": dict(r=4, lora_alpha=8, modules_to_save=["lm_head"]),

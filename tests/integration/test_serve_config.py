@@ -3,7 +3,7 @@ import pytest
 
 
 def test_every_config_parses_with_a_default_serve_section(repo_root):
-    from cluster.config import load_config
+    from rayft.cluster.config import load_config
 
     for path in sorted((repo_root / "examples").glob("*.yaml")):
         cfg = load_config(path)
@@ -11,7 +11,7 @@ def test_every_config_parses_with_a_default_serve_section(repo_root):
 
 
 def test_serve_typos_and_bad_values_name_the_field(repo_root):
-    from cluster.config import ConfigError, load_config
+    from rayft.cluster.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=r"serve\.max_batch: unknown field; allowed here: .*max_batch_size"):
         load_config(repo_root / "examples" / "quickstart.yaml", ["serve.max_batch=4"])
@@ -34,8 +34,8 @@ def test_serve_typos_and_bad_values_name_the_field(repo_root):
 
 
 def test_deployment_options_follow_the_config():
-    from serve.app import build_app
-    from serve.config import AutoscalingSettings, ServeConfig
+    from rayft.serve.app import build_app
+    from rayft.serve.config import AutoscalingSettings, ServeConfig
 
     d = build_app(ServeConfig(model="/m", num_cpus_per_replica=2, num_gpus_per_replica=0.5, max_ongoing_requests=16,
                               autoscaling=AutoscalingSettings(min_replicas=1, max_replicas=3, target_ongoing_requests=4)),
@@ -51,8 +51,8 @@ def test_deployment_options_follow_the_config():
 def test_key_store(tmp_path):
     import yaml
 
-    from serve.auth import KeyStore, hash_key
-    from serve.schemas import APIError
+    from rayft.serve.auth import KeyStore, hash_key
+    from rayft.serve.schemas import APIError
 
     path = tmp_path / "keys.yaml"
     path.write_text(yaml.safe_dump([{"sha256": hash_key("k1"), "tenant": "acme", "adapters": ["x"]},

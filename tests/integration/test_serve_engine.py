@@ -16,20 +16,20 @@ def adapters(toy_adapters):
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, adapters):
-    from serve.engine import Engine
+    from rayft.serve.engine import Engine
 
     return Engine(tiny_model_dir, adapters=adapters, adapter_cache_size=2)
 
 
 def _chat_ids(engine, text):
-    from data.chat import render_prompt
+    from rayft.data.chat import render_prompt
 
     return engine.tokenizer(render_prompt([{"role": "user", "content": text}], engine.tokenizer),
                             add_special_tokens=False)["input_ids"]
 
 
 def _req(engine, adapter, text="hello", max_tokens=24, **kw):
-    from serve.engine import GenRequest
+    from rayft.serve.engine import GenRequest
 
     kw.setdefault("temperature", 0.0)
     return GenRequest(_chat_ids(engine, text), max_tokens, adapter=adapter, **kw)
@@ -75,7 +75,7 @@ def test_batch_with_more_adapters_than_the_cache_is_split(engine):
 
 
 def test_grouping_per_adapter_gives_the_same_answers(tiny_model_dir, adapters, engine):
-    from serve.engine import Engine
+    from rayft.serve.engine import Engine
 
     grouped = Engine(tiny_model_dir, adapters=adapters, adapter_cache_size=2, mixed_adapter_batches=False)
     reqs = [_req(grouped, x) for x in ("a", "b", None, "a")]
@@ -102,8 +102,8 @@ def test_sampling_stop_length_and_seed(engine):
 
 
 def test_int8_quantized_merged_model_checks_agreement(tiny_model_dir, adapters, tmp_path, capsys):
-    from serve.engine import Engine
-    from serve.testing import merge_toy_adapter
+    from rayft.serve.engine import Engine
+    from tests.serve_helpers import merge_toy_adapter
 
     merged = merge_toy_adapter(tiny_model_dir, adapters["a"], str(tmp_path / "merged"))
     q = Engine(merged, quantization="int8", min_agreement=0.5)
@@ -119,7 +119,7 @@ def test_int8_quantized_merged_model_checks_agreement(tiny_model_dir, adapters, 
 @pytest.mark.parametrize("mode", ["bnb-int8", "bnb-nf4"])
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_bitsandbytes_without_cuda_is_refused_naming_the_field_and_the_fix(tiny_model_dir, mode):
-    from serve.engine import Engine
+    from rayft.serve.engine import Engine
 
     with pytest.raises(RuntimeError, match=rf"serve\.quantization: '{mode}' loads the model with bitsandbytes on a "
                                            rf"CUDA GPU, and no CUDA GPU is visible .* use serve\.quantization: int8"):
@@ -131,8 +131,8 @@ def test_bitsandbytes_without_cuda_is_refused_naming_the_field_and_the_fix(tiny_
                     reason="bitsandbytes 8-bit/4-bit loading needs a CUDA GPU; this machine has none")
 def test_bitsandbytes_quantized_merged_model_on_gpu_checks_agreement(tiny_model_dir, adapters, tmp_path, capsys, mode,
                                                                      layer):
-    from serve.engine import Engine
-    from serve.testing import merge_toy_adapter
+    from rayft.serve.engine import Engine
+    from tests.serve_helpers import merge_toy_adapter
 
     merged = merge_toy_adapter(tiny_model_dir, adapters["a"], str(tmp_path / "merged"))
     q = Engine(merged, quantization=mode, min_agreement=0.0)

@@ -46,9 +46,9 @@ def _http(url, body=None):
 def server(ray_local, tiny_model_dir, tmp_path_factory):
     from ray import serve
 
-    from serve.app import build_app
-    from serve.config import ServeConfig
-    from serve.testing import replica_pids, train_toy_adapter
+    from rayft.serve.app import build_app
+    from rayft.serve.config import ServeConfig
+    from tests.serve_helpers import replica_pids, train_toy_adapter
 
     root = tmp_path_factory.mktemp("serve-faults")
     adapter = train_toy_adapter(tiny_model_dir, str(root / "a"), "Yes.", steps=5)
@@ -150,7 +150,7 @@ def test_still_serving_after_fuzzing(server):
 
 
 def test_a_replica_killed_under_load_is_restarted_and_later_requests_succeed(server):
-    from serve.testing import ClosedLoopLoad, recovery
+    from tests.serve_helpers import ClosedLoopLoad, recovery
 
     (victim,) = server["pids"]()
     load = ClosedLoopLoad(f"{server['url']}/v1/completions", LOAD_BODY, concurrency=4).start()
@@ -182,7 +182,7 @@ def test_a_replica_killed_under_load_is_restarted_and_later_requests_succeed(ser
 def test_soak_steady_concurrency_no_errors_bounded_memory(server):
     import psutil
 
-    from serve.testing import ClosedLoopLoad
+    from tests.serve_helpers import ClosedLoopLoad
 
     (pid,) = server["pids"]()
     replica = psutil.Process(pid)

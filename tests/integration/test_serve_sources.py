@@ -11,8 +11,8 @@ ANSWER_B = "No. Please call support."
 @pytest.fixture(scope="module")
 def registry(tiny_model_dir, toy_adapters, tmp_path_factory):
     """The toy adapters a and b logged as run artifacts; `bot` v1 = a, v2 = b, alias champion -> v2."""
-    from train.registry import register_version
-    from train.tracking import client
+    from rayft.registry.tracking import client
+    from rayft.registry.versions import register_version
 
     root = tmp_path_factory.mktemp("serve-sources")
     uri = f"sqlite:///{root}/mlflow.db"
@@ -31,16 +31,16 @@ def registry(tiny_model_dir, toy_adapters, tmp_path_factory):
 
 
 def _engine(tiny_model_dir, registry, adapters, cache_dir):
-    from serve.engine import Engine
-    from serve.sources import resolve
+    from rayft.serve.engine import Engine
+    from rayft.serve.sources import resolve
 
     return Engine(tiny_model_dir, adapters=adapters, adapter_cache_size=4,
                   resolve=lambda u: resolve(u, registry["uri"], cache_dir=str(cache_dir)))
 
 
 def _ask(engine, adapters):
-    from data.chat import render_prompt
-    from serve.engine import GenRequest
+    from rayft.data.chat import render_prompt
+    from rayft.serve.engine import GenRequest
 
     ids = engine.tokenizer(render_prompt([{"role": "user", "content": "hello"}], engine.tokenizer),
                            add_special_tokens=False)["input_ids"]
@@ -61,8 +61,8 @@ def test_adapters_from_registry_version_alias_run_and_file_uri_share_a_batch(tin
 
 
 def test_moving_the_alias_serves_the_new_version(tiny_model_dir, registry, tmp_path):
-    from serve.sources import resolve
-    from train.tracking import client
+    from rayft.registry.tracking import client
+    from rayft.serve.sources import resolve
 
     cache = str(tmp_path / "cache")
     first = resolve("models:/bot@champion", registry["uri"], cache_dir=cache)
@@ -79,7 +79,7 @@ def test_moving_the_alias_serves_the_new_version(tiny_model_dir, registry, tmp_p
 
 @pytest.mark.parametrize("source", ["models:/bot/9", "models:/bot@canary", "models:/nobody/1", "runs:/0123abcd/adapter"])
 def test_a_source_that_does_not_exist_is_a_load_error_naming_adapter_and_uri(tiny_model_dir, registry, tmp_path, source):
-    from serve.adapters import AdapterLoadError
+    from rayft.serve.adapters import AdapterLoadError
 
     engine = _engine(tiny_model_dir, registry, {"ghost": source, "ok": "models:/bot/2"}, tmp_path / "cache")
     with pytest.raises(AdapterLoadError, match=r"adapter 'ghost' .*could not be loaded: FileNotFoundError: could not "

@@ -17,9 +17,10 @@ def _gather_check(config):
     import torch
     from safetensors.torch import load_file
 
-    from train.checkpoint import ADAPTER_DIR, write_rank_part
-    from train.config import ModelConfig, TrainConfig
-    from train.engine import build_engine
+    from rayft.models.config import ModelConfig
+    from rayft.train.checkpoint import ADAPTER_DIR, write_rank_part
+    from rayft.train.config import TrainConfig
+    from rayft.train.engine import build_engine
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -17,7 +17,7 @@ STEPS = 20
 
 
 def _config(repo_root, model_dir, storage, name, *extra):
-    from cluster.config import load_config
+    from rayft.cluster.config import load_config
 
     return load_config(repo_root / "examples" / "quickstart.yaml", [
         f"name={name}", f"model.name_or_path={model_dir}", f"storage_path={storage}",
@@ -46,8 +46,8 @@ def _training_workers():
 @pytest.fixture(scope="module")
 def killed_run(ray_local, repo_root, tiny_model_dir, tmp_path_factory):
     """A ZeRO-3 run in which one training worker is SIGKILLed after the first checkpoint."""
-    from train.checkpoint import check_checkpoint, checkpoint_dir_name
-    from train.trainer import run_training
+    from rayft.train.checkpoint import check_checkpoint, checkpoint_dir_name
+    from rayft.train.trainer import run_training
 
     storage = str(tmp_path_factory.mktemp("train-runs"))
     cfg = _config(repo_root, tiny_model_dir, storage, "zero3-kill", "train.deepspeed.zero_stage=3")
@@ -89,7 +89,7 @@ def test_a_killed_worker_resumes_from_the_checkpoint_and_finishes(killed_run):
 
 
 def test_mlflow_history_shows_restart_from_checkpoint(killed_run):
-    from train.tracking import client
+    from rayft.registry.tracking import client
 
     out = killed_run["out"]
     c = client(out.tracking_uri)
@@ -112,7 +112,7 @@ def test_zero3_training_lowers_eval_loss(killed_run):
 
 
 def test_checkpoint_layout_and_retention(killed_run):
-    from train.checkpoint import check_checkpoint, step_of
+    from rayft.train.checkpoint import check_checkpoint, step_of
 
     run_dir = killed_run["out"].run_dir
     kept = sorted(d for d in os.listdir(run_dir) if step_of(d) is not None)
@@ -128,14 +128,14 @@ def test_checkpoint_layout_and_retention(killed_run):
 
 
 def test_mlflow_run_params_tags_and_artifacts(killed_run):
-    from train.tracking import client
+    from rayft.registry.tracking import client
 
     out = killed_run["out"]
     run = client(out.tracking_uri).get_run(out.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert out.tracking_uri == f"sqlite:///{killed_run['storage']}/mlflow.db"
     assert run.data.params["train.deepspeed.zero_stage"] == "3" and run.data.params["train.lora.rank"] == "8"
-    from train.trainer import read_run_file
+    from rayft.train.trainer import read_run_file
 
     assert run.data.tags["dataset_fingerprint"] == read_run_file(out.run_dir)["dataset_fingerprint"]
     for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "samples_per_s", "step_time_s", "memory_rss_mb",
@@ -146,7 +146,7 @@ def test_mlflow_run_params_tags_and_artifacts(killed_run):
 
 
 def test_registered_version_has_lineage(killed_run):
-    from train.registry import list_versions
+    from rayft.registry.versions import list_versions
 
     out = killed_run["out"]
     versions = list_versions(out.tracking_uri, killed_run["cfg"].name)
@@ -162,7 +162,7 @@ def test_export_round_trip_adapter_and_merged(killed_run, tmp_path, tiny_model_d
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from train.export import export_run, probe_batch
+    from rayft.train.export import export_run, probe_batch
 
     res = export_run(killed_run["out"].run_dir, str(tmp_path), merge=True, log=lambda _: None)
     assert res.max_abs_diff <= res.tolerance

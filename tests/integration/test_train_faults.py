@@ -27,7 +27,7 @@ A, B = EVERY, 2 * EVERY  # checkpoints before the fault
 
 
 def _config(repo_root, model_dir, storage, *extra):
-    from cluster.config import load_config
+    from rayft.cluster.config import load_config
 
     return load_config(repo_root / "examples" / "quickstart.yaml", [
         "name=faults", f"model.name_or_path={model_dir}", f"storage_path={storage}",
@@ -45,8 +45,8 @@ def truncate_a_file(checkpoint: str) -> str:
 
 @pytest.fixture(scope="module")
 def faulty_storage(ray_local, repo_root, tiny_model_dir, tmp_path_factory):
-    from train.checkpoint import check_checkpoint, checkpoint_dir_name
-    from train.trainer import fit, prepare_training_data
+    from rayft.train.checkpoint import check_checkpoint, checkpoint_dir_name
+    from rayft.train.trainer import fit, prepare_training_data
 
     storage = str(tmp_path_factory.mktemp("fault-runs"))
     cfg = _config(repo_root, tiny_model_dir, storage)
@@ -86,7 +86,7 @@ def faulty_storage(ray_local, repo_root, tiny_model_dir, tmp_path_factory):
 
 
 def test_unwritable_checkpoint_storage_fails_with_a_clear_error(faulty_storage):
-    from train.trainer import TrainingError
+    from rayft.train.trainer import TrainingError
 
     err = faulty_storage["first"]["error"]
     assert isinstance(err, TrainingError), repr(err)
@@ -111,8 +111,8 @@ def test_damaged_latest_checkpoint_is_skipped_and_training_continues_from_the_pr
 
 
 def test_export_skips_a_damaged_latest_checkpoint(faulty_storage):
-    from train.checkpoint import best_and_latest, check_checkpoint, step_of
-    from train.export import find_adapter
+    from rayft.train.checkpoint import best_and_latest, check_checkpoint, step_of
+    from rayft.train.export import find_adapter
 
     run_dir = faulty_storage["run_dir"]
     latest = best_and_latest(run_dir)["latest"]

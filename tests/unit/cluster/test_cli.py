@@ -1,4 +1,4 @@
-"""The CLI as a user runs it: `python -m cluster.cli ...` and the installed `rayft` console script."""
+"""The CLI as a user runs it: `python -m rayft.cluster.cli ...` and the installed `rayft` console script."""
 import os
 import shutil
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from cluster.config import RayftConfig
+from rayft.cluster.config import RayftConfig
 
 REPO = Path(__file__).resolve().parents[3]
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
@@ -23,7 +23,7 @@ def rayft_script() -> str:
 
 
 ENTRY_POINTS = {
-    "module": lambda: [sys.executable, "-m", "cluster.cli"],
+    "module": lambda: [sys.executable, "-m", "rayft.cluster.cli"],
     "script": lambda: [rayft_script()],
 }
 
@@ -56,7 +56,7 @@ def minimal_config(tmp_path) -> Path:
 
 def test_console_script_is_the_cli_main():
     text = Path(rayft_script()).read_text()
-    assert "from cluster.cli import main" in text
+    assert "from rayft.cluster.cli import main" in text
 
 
 # -------------------------------------------------------------------------------------- validate
@@ -160,7 +160,7 @@ def test_show_prints_every_default(entry, minimal_config, tmp_path):
     # what show prints is a config that loads to the same thing
     again = tmp_path / "again.yaml"
     again.write_text(r.stdout, encoding="utf-8")
-    from cluster.config import load_config
+    from rayft.cluster.config import load_config
 
     assert load_config(again) == load_config(minimal_config)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.cluster_yaml import (
+from rayft.cluster.cluster_yaml import (
     ClusterYamlError,
     fitting_worker_types,
     load_cluster_yaml,
@@ -18,7 +18,7 @@ from cluster.cluster_yaml import (
     read_cluster_yaml,
     worker_types,
 )
-from cluster.config import load_config
+from rayft.cluster.config import load_config
 
 ROOT = Path(__file__).resolve().parents[3]
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -123,7 +123,7 @@ def test_kuberay_rayjob_manifest_runs_rayft_with_the_same_ray():
 
     doc = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayjob.yaml").read_text())
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
-    assert doc["spec"]["entrypoint"].startswith("python -m cluster.cli train examples/")
+    assert doc["spec"]["entrypoint"].startswith("python -m rayft.cluster.cli train examples/")
     assert doc["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
     workers = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert all(g["minReplicas"] == 0 for g in workers)

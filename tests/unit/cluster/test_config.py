@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import (
+from rayft.cluster.config import (
     ConfigError,
     RayftConfig,
     apply_override,

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import build_parser
-from cluster.jobs import (
+from rayft.cluster.cli import build_parser
+from rayft.cluster.jobs import (
     DEFAULT_ADDRESS,
     JobError,
     _split_rest,
@@ -23,10 +23,10 @@ KNOWN = known_commands(build_parser())
 
 def test_entrypoint_puts_the_config_after_the_command_words():
     ep, rel = build_entrypoint(str(ROOT / "examples/quickstart.yaml"), ["data", "prepare", "--set", "a=b c"], ROOT, KNOWN)
-    assert ep == "python -m cluster.cli data prepare examples/quickstart.yaml --set 'a=b c'"
+    assert ep == "python -m rayft.cluster.cli data prepare examples/quickstart.yaml --set 'a=b c'"
     assert rel == "examples/quickstart.yaml"
     ep, _ = build_entrypoint(str(ROOT / "examples/quickstart.yaml"), ["train", "--resume"], ROOT, KNOWN)
-    assert ep == "python -m cluster.cli train examples/quickstart.yaml --resume"
+    assert ep == "python -m rayft.cluster.cli train examples/quickstart.yaml --resume"
 
 
 @pytest.mark.parametrize("command,match", [

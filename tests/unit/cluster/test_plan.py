@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import load_config
-from cluster.plan import PlanError, estimate_memory, make_plan, plan_json, read_model_shape
+from rayft.cluster.config import load_config
+from rayft.cluster.plan import PlanError, estimate_memory, make_plan, plan_json, read_model_shape
 
 ROOT = Path(__file__).resolve().parents[3]
 GPU_EXAMPLE = ROOT / "examples" / "qwen2.5-1.5b-gpu.yaml"
@@ -70,14 +70,14 @@ def shapes(qwen_dir, llama_dir):
 
 def test_parameter_counts_match_the_published_models(shapes):
     _, q = shapes["qwen2-1.5b"]
-    _, l = shapes["llama-7b"]
+    _, llama = shapes["llama-7b"]
     assert q.total_params == 1_543_714_304          # Qwen2.5-1.5B (tied embeddings counted once)
-    assert l.total_params == 6_738_415_616          # Llama-2-7B
+    assert llama.total_params == 6_738_415_616          # Llama-2-7B
     # LoRA rank 16 on q,k,v,o,gate,up,down: r x (in + out) per adapted layer
     assert q.trainable_params == 28 * 16 * ((1536 + 1536) * 2 + (1536 + 256) * 2 + (1536 + 8960) * 3)
     assert q.frozen_params == q.total_params
     assert q.largest_layer_params == 151936 * 1536  # the embedding
-    assert l.kv_width == 4096 and q.kv_width == 256
+    assert llama.kv_width == 4096 and q.kv_width == 256
 
 
 def test_tiny_model_counts_match_the_real_peft_model(tiny_model_dir):
@@ -85,7 +85,8 @@ def test_tiny_model_counts_match_the_real_peft_model(tiny_model_dir):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from train.lora import build_lora_config, resolve_target_modules
+    from rayft.models.architectures import resolve_target_modules
+    from rayft.train.lora import build_lora_config
 
     cfg = load_config(ROOT / "examples" / "quickstart.yaml", [f"model.name_or_path={tiny_model_dir}"])
     shape = read_model_shape(cfg.model, cfg.train.lora)
@@ -187,7 +188,7 @@ def test_unreadable_model_config_names_the_field(tmp_path):
 
 
 def test_rayft_plan_command(qwen_dir, tmp_path, capsys):
-    from cluster.cli import main
+    from rayft.cluster.cli import main
 
     assert main(["plan", str(GPU_EXAMPLE), "--set", f"model.name_or_path={qwen_dir}", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -3,15 +3,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster.config import RayftConfig
-from cluster.reference import BEGIN, END, readme_copy, render_reference
+from rayft.cluster.config import RayftConfig
+from rayft.cluster.reference import BEGIN, END, readme_copy, render_reference
 
 REPO = Path(__file__).resolve().parents[3]
 RAYFT = str(Path(sys.executable).with_name("rayft"))
 
 
 def _leaf_paths(model, prefix=""):
-    from cluster.reference import _nested_model
+    from rayft.cluster.reference import _nested_model
 
     for name, field in model.model_fields.items():
         key = prefix + (field.alias or name)

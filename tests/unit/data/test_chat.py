@@ -2,7 +2,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from data.chat import (
+from rayft.data.chat import (
     DEFAULT_CHAT_TEMPLATE,
     IM_END,
     TemplateError,
@@ -282,7 +282,7 @@ def test_fit_truncate_end_with_no_assistant_token_left_is_rejected(tok):
 
 
 def test_fit_drop_oldest_turns_keeps_system_and_latest_exchanges(tok):
-    system, ex1, ex2, ex3 = MULTI[0], MULTI[1:3], MULTI[3:5], MULTI[5:7]
+    system, ex2, ex3 = MULTI[0], MULTI[3:5], MULTI[5:7]
     last_two = [system] + ex2 + ex3
     limit = _len(tok, last_two)
     assert limit < _len(tok, MULTI)

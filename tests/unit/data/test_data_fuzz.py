@@ -15,12 +15,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data.config import DataConfig
-from data.formats import SourceError
-from data.pipeline import parse_files, plan_sources
-from data.schemas import REJECT_REASONS, SCHEMAS
-from tests.integration.test_data_properties import (FORMATS, as_schema, check_conversation, good_conversation,
-                                                    no_surrogates, random_row, write_rows)
+from rayft.data.config import DataConfig
+from rayft.data.formats import SourceError
+from rayft.data.pipeline import parse_files, plan_sources
+from rayft.data.schemas import REJECT_REASONS, SCHEMAS
+from tests.integration.test_data_properties import (
+    FORMATS,
+    as_schema,
+    check_conversation,
+    good_conversation,
+    no_surrogates,
+    random_row,
+    write_rows,
+)
 
 PAIRS = [(s, f) for s in SCHEMAS for f in FORMATS]
 FUZZ = settings(max_examples=15, deadline=None, database=None,

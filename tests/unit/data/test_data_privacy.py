@@ -9,8 +9,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.config import DataConfig
-from data.pipeline import parse_files, plan_sources
+from rayft.data.config import DataConfig
+from rayft.data.pipeline import parse_files, plan_sources
 
 SSN = "078-05-1120"
 NOTE = "VIP - refund approved by J. Smith, do not share"

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data.formats import SourceError, detect_format, iter_records, list_files, read_bytes
-from data.schemas import REJECT_REASONS, normalise
+from rayft.data.formats import SourceError, detect_format, iter_records, list_files, read_bytes
+from rayft.data.schemas import REJECT_REASONS, normalise
 
 
 def records(data: bytes, fmt: str, **kw):

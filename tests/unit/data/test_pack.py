@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data.pack import (
+from rayft.data.pack import (
     IGNORE_INDEX,
     best_fit_decreasing,
     collate,

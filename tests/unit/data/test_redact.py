@@ -1,7 +1,7 @@
 """PII redaction on realistic support text: what must go, what must stay, and the counts per kind."""
 import pytest
 
-from data.redact import PII_KINDS, luhn_ok, redact, redact_messages
+from rayft.data.redact import PII_KINDS, luhn_ok, redact, redact_messages
 
 
 def counts(**kw):

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from data.schemas import (
+from rayft.data.schemas import (
     REJECT_REASONS,
     SCHEMAS,
     Reject,

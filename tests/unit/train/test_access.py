@@ -4,17 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.access import require
-from train.access import (
-    AccessDenied,
-    AuditLog,
-    PolicyError,
-    authorize,
-    decide,
-    load_policy,
-    scrub,
-)
-from train.security import SecurityConfig
+from rayft.cluster.access import require
+from rayft.security.access import AccessDenied, AuditLog, PolicyError, authorize, decide, load_policy, scrub
+from rayft.security.config import SecurityConfig
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "security" / "policy.yaml"
 

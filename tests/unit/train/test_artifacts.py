@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from train.artifacts import (
+from rayft.security.artifacts import (
     ENC_SUFFIX,
     MANIFEST,
     ArtifactError,
@@ -18,7 +18,7 @@ from train.artifacts import (
     verify_manifest,
     write_manifest,
 )
-from train.security import ArtifactKeyError, SecurityConfig, load_key, parse_key_text
+from rayft.security.config import ArtifactKeyError, SecurityConfig, load_key, parse_key_text
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -112,7 +112,7 @@ def test_tampered_ciphertext_and_manifest_refused(tmp_path):
 
 
 def test_ciphertext_swapped_between_files_fails_authentication(tmp_path):
-    from train.artifacts import decrypt_file
+    from rayft.security.artifacts import decrypt_file
 
     d = _export(tmp_path)
     encrypt_folder(str(d), KEY)
@@ -123,7 +123,7 @@ def test_ciphertext_swapped_between_files_fails_authentication(tmp_path):
 
 
 def test_truncated_at_a_chunk_boundary_fails_authentication(tmp_path):
-    from train.artifacts import _HEADER, _TAG, CHUNK, decrypt_file
+    from rayft.security.artifacts import _HEADER, _TAG, CHUNK, decrypt_file
 
     d = _export(tmp_path, big=True)
     encrypt_folder(str(d), KEY)

@@ -2,12 +2,13 @@
 import json
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from train.checkpoint import _write_json, file_sha256, check_checkpoint, choose_resume_checkpoint, rng_state, set_rng_state
-from pathlib import Path
+from rayft.security.artifacts import file_sha256
+from rayft.train.checkpoint import _write_json, check_checkpoint, choose_resume_checkpoint, rng_state, set_rng_state
 
 
 def fake_checkpoint(root: Path, step: int, world: int = 2) -> str:
@@ -52,9 +53,13 @@ def test_corrupt_latest_falls_back_to_previous_with_warning(tmp_path):
 
 
 def test_rng_state_round_trip():
-    random.seed(1); np.random.seed(1); torch.manual_seed(1)
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
     state = json.loads(json.dumps(rng_state()))
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
-    random.seed(2); np.random.seed(2); torch.manual_seed(2)
+    random.seed(2)
+    np.random.seed(2)
+    torch.manual_seed(2)
     set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from train.config import TrainConfig
-from train.ds_config import DeepSpeedConfigError, build_deepspeed_config
-from train.schedule import lr_lambda, warmup_steps_for
+from rayft.train.config import TrainConfig
+from rayft.train.ds_config import DeepSpeedConfigError, build_deepspeed_config
+from rayft.train.schedule import lr_lambda, warmup_steps_for
 
 
 def test_built_from_our_fields():
@@ -58,7 +58,7 @@ def test_warmup_then_cosine_and_linear_decay():
 
 
 def test_plan_from_rows_and_batch():
-    from train.trainer import TrainingError, plan_steps
+    from rayft.train.trainer import TrainingError, plan_steps
 
     t = TrainConfig(num_workers=2, micro_batch_size=2, gradient_accumulation_steps=2, epochs=2, warmup_ratio=0.1)
     plan = plan_steps(t, 103)  # 8 rows per step -> 12 steps per epoch, 7 rows left out
@@ -70,7 +70,7 @@ def test_plan_from_rows_and_batch():
 
 
 def test_early_stopping_patience_and_threshold():
-    from train.early_stopping import observe_eval
+    from rayft.train.early_stopping import observe_eval
 
     best, bad, stop = observe_eval(None, 0, 2.0, patience=2, threshold=0.1)
     assert (best, bad, stop) == (2.0, 0, False)

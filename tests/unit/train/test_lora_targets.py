@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from train.config import LoraSettings
-from train.lora import TARGET_MODULES, LoraTargetError, build_lora_config, linear_layer_names, resolve_target_modules
+from rayft.models.architectures import TARGET_MODULES, LoraTargetError, linear_layer_names, resolve_target_modules
+from rayft.train.config import LoraSettings
+from rayft.train.lora import build_lora_config
 
 
 def meta_model(config):

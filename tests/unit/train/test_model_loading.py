@@ -1,8 +1,10 @@
 """Model loading: dtype by device, QLoRA refused on CPU, LoRA wrapping of the tiny model."""
 import pytest
 
-from train.config import ModelConfig, TrainConfig
-from train.model import QuantizationUnavailable, build_peft_model, check_quantization, choose_dtype
+from rayft.models.config import ModelConfig
+from rayft.models.load import choose_dtype
+from rayft.train.config import TrainConfig
+from rayft.train.model import QuantizationUnavailable, build_peft_model, check_quantization
 
 
 def has_cuda() -> bool:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.pack import collate, pack_examples
-from train.loss import count_loss_tokens, sum_token_loss
+from rayft.data.pack import collate, pack_examples
+from rayft.train.loss import count_loss_tokens, sum_token_loss
 
 
 @pytest.fixture(scope="module")

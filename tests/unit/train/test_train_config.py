@@ -1,7 +1,7 @@
 """The `train:` and `tracking:` sections: defaults, shipped examples, and errors that say what to fix."""
 import pytest
 
-from cluster.config import ConfigError, config_from_dict, load_config
+from rayft.cluster.config import ConfigError, config_from_dict, load_config
 
 BASE = {"name": "t", "model": {"name_or_path": "m"}, "data": {"sources": [{"path": "x.jsonl"}]}}
 

@@ -1,6 +1,6 @@
 from types import SimpleNamespace
 
-from tune.champion import decide
+from rayft.registry.promotion import decide
 
 
 def _champ(loss="2.0", fp="abc", version="3"):

@@ -1,7 +1,7 @@
 import pytest
 
-from train.config import TrainConfig
-from tune.search import SearchError, check_fits, trial_resources, trial_train_config
+from rayft.train.config import TrainConfig
+from rayft.tune.search import SearchError, check_fits, trial_resources, trial_train_config
 
 
 def test_one_worker_trials_run_two_at_a_time_on_two_cpus():

@@ -1,9 +1,9 @@
 import pytest
 from pydantic import ValidationError
 
-from train.config import TrainConfig
-from tune.config import TuneConfig, canonical_key
-from tune.space import SearchSpaceError, apply_params, numeric_fields, to_tune_space, validate_space
+from rayft.train.config import TrainConfig
+from rayft.tune.config import TuneConfig, canonical_key
+from rayft.tune.space import SearchSpaceError, apply_params, numeric_fields, to_tune_space, validate_space
 
 
 def _tune(space, **kw):

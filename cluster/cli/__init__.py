@@ -41,7 +41,7 @@ def _err(msg: str) -> None:
 
 
 def _load(args):
-    from .config import load_config
+    from ..config import load_config
 
     return load_config(args.file, args.set or [])
 
@@ -53,14 +53,14 @@ def cmd_config_validate(args) -> int:
 
 
 def cmd_config_show(args) -> int:
-    from .config import dump_config
+    from ..config import dump_config
 
     print(dump_config(_load(args)), end="")
     return 0
 
 
 def cmd_config_reference(args) -> int:
-    from .reference import render_reference, write_into
+    from ..reference import render_reference, write_into
 
     if args.write:
         try:
@@ -74,7 +74,7 @@ def cmd_config_reference(args) -> int:
 
 
 def cmd_tiny_model(args) -> int:
-    from train.tiny_model import build_tiny_model
+    from rayft.train.tiny_model import build_tiny_model
 
     files = args.corpus or None
     out = build_tiny_model(args.dir, corpus_files=files, vocab_size=args.vocab_size)
@@ -84,14 +84,14 @@ def cmd_tiny_model(args) -> int:
 
 
 def _tokenizer_spec(cfg):
-    from data.pipeline import TokenizerSpec
+    from rayft.data.pipeline import TokenizerSpec
 
     return TokenizerSpec(cfg.model.tokenizer_name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
 
 
 def run_data_prepare(cfg, out_dir: Optional[str], log=print):
     """Prepare the data of a config (Ray must be connected); writes outputs when out_dir is given."""
-    from data.pipeline import format_report, prepare
+    from rayft.data.pipeline import format_report, prepare
 
     prepared = prepare(cfg.data, _tokenizer_spec(cfg), log=log)
     if out_dir:
@@ -113,7 +113,7 @@ def write_prepared(prepared, out_dir: str) -> None:
     prepared.train.write_parquet(str((out / "train").resolve()))
     if prepared.eval is not None:
         prepared.eval.write_parquet(str((out / "eval").resolve()))
-    from data.pipeline import write_rejects
+    from rayft.data.pipeline import write_rejects
 
     n = write_rejects(prepared.rejects, str(out / "rejects.jsonl"))
     report = dict(prepared.report)
@@ -125,7 +125,7 @@ def write_prepared(prepared, out_dir: str) -> None:
 
 
 def cmd_data_prepare(args) -> int:
-    from .ray_conn import connect
+    from ..ray_conn import connect
 
     cfg = _load(args)
     print(connect(cfg.ray.address, cfg.ray.num_cpus))
@@ -135,7 +135,7 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_data_inspect(args) -> int:
-    from data.inspect import inspect_examples
+    from rayft.data.inspect import inspect_examples
 
     cfg = _load(args)
     color = sys.stdout.isatty() and not args.no_color
@@ -145,9 +145,9 @@ def cmd_data_inspect(args) -> int:
 
 def cmd_quickstart(args) -> int:
     """Tiny model, `rayft run examples/quickstart.yaml` (tune, merge, register, promote), serve, one chat request."""
-    from train.trainer import USER_ERRORS
+    from rayft.train.trainer import USER_ERRORS
 
-    from .quickstart import run_quickstart
+    from ..quickstart import run_quickstart
 
     try:
         return run_quickstart(args.workdir, port=args.port)
@@ -157,10 +157,10 @@ def cmd_quickstart(args) -> int:
 
 def cmd_train(args) -> int:
     """Prepare the data, train on Ray (DeepSpeed + LoRA), track in MLflow, register the adapter."""
-    from train.trainer import USER_ERRORS, check_before_start, run_training
+    from rayft.train.trainer import USER_ERRORS, check_before_start, run_training
 
-    from .access import require
-    from .ray_conn import connect
+    from ..access import require
+    from ..ray_conn import connect
 
     cfg = _load(args)
     require(cfg, "train", f"run {cfg.name} (model {cfg.model.name_or_path})")
@@ -185,12 +185,12 @@ def cmd_train(args) -> int:
 
 def cmd_tune(args) -> int:
     """Search LoRA/optimizer settings with Ray Tune + ASHA, then export, register and promote the best."""
-    from train.trainer import USER_ERRORS, check_before_start
-    from tune.search import run_search
-    from tune.space import SearchSpaceError
+    from rayft.train.trainer import USER_ERRORS, check_before_start
+    from rayft.tune.search import run_search
+    from rayft.tune.space import SearchSpaceError
 
-    from .access import require
-    from .ray_conn import connect
+    from ..access import require
+    from ..ray_conn import connect
 
     cfg = _load(args)
     if cfg.tune is None:
@@ -217,12 +217,12 @@ def cmd_tune(args) -> int:
 
 def cmd_run(args) -> int:
     """The whole pipeline: data -> tune (or train) -> export + merge -> register + promote -> optionally serve."""
-    from train.trainer import USER_ERRORS, check_before_start
-    from tune.space import SearchSpaceError
+    from rayft.train.trainer import USER_ERRORS, check_before_start
+    from rayft.tune.space import SearchSpaceError
 
-    from .access import require
-    from .pipeline import effective_promotion, run_pipeline, serve_stage, summary
-    from .ray_conn import connect
+    from ..access import require
+    from ..pipeline import effective_promotion, run_pipeline, serve_stage, summary
+    from ..ray_conn import connect
 
     cfg = _load(args)
     # Every action the pipeline will take is checked (and audited) before any of it starts.
@@ -243,7 +243,7 @@ def cmd_run(args) -> int:
     print(summary(out))
     if scfg is None:
         return 0
-    from serve.app import run_server
+    from rayft.serve.app import run_server
 
     return run_server(scfg, scfg.model, out.tracking_uri, security=cfg.security)
 
@@ -252,7 +252,7 @@ def _registry_uri(args) -> str:
     if args.tracking_uri:
         return args.tracking_uri
     if args.file:
-        from train.tracking import tracking_uri
+        from rayft.registry.tracking import tracking_uri
 
         cfg = _load(args)
         return tracking_uri(cfg.tracking.tracking_uri, cfg.storage_path)
@@ -262,9 +262,9 @@ def _registry_uri(args) -> str:
 def cmd_models(args) -> int:
     """The MLflow registry: list versions, promote one to an alias, roll an alias back, delete a version.
     Changes are checked against the access policy (cluster/access.py) and audited."""
-    from train.registry import RegistryError, delete_version, list_versions, promote, rollback
+    from rayft.registry.versions import RegistryError, delete_version, list_versions, promote, rollback
 
-    from .access import require
+    from ..access import require
 
     uri = _registry_uri(args)
     security = _load(args).security if args.file else None  # None: defaults + RAYFT_POLICY_FILE / RAYFT_AUDIT_LOG
@@ -298,12 +298,12 @@ def cmd_models(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from train.artifacts import ArtifactError
-    from train.export import ExportError, export_run
-    from train.security import SecurityConfig
-    from train.trainer import TrainingError, read_run_file
+    from rayft.security.artifacts import ArtifactError
+    from rayft.security.config import SecurityConfig
+    from rayft.train.export import ExportError, export_run
+    from rayft.train.trainer import TrainingError, read_run_file
 
-    from .access import require
+    from ..access import require
 
     try:
         if args.register:  # a new registry version, as `rayft train` registers its adapter: the `train` action
@@ -319,13 +319,13 @@ def cmd_serve(args) -> int:
     """An OpenAI-compatible endpoint on Ray Serve: the `serve:` section of FILE, or a model given by flags."""
     from pydantic import ValidationError
 
-    from serve.config import ServeConfig
+    from rayft.serve.config import ServeConfig
 
-    from .config import format_validation_error
-    from .ray_conn import connect
+    from ..config import format_validation_error
+    from ..ray_conn import connect
 
     if args.hash_key:  # read from stdin so the key stays out of shell history and `ps`
-        from serve.auth import hash_key
+        from rayft.serve.auth import hash_key
 
         key = sys.stdin.readline().strip()
         if not key:
@@ -341,7 +341,7 @@ def cmd_serve(args) -> int:
         adapters[name] = path
     address, num_cpus, tracking, security = None, None, args.tracking_uri, None
     if args.file:
-        from train.tracking import tracking_uri
+        from rayft.registry.tracking import tracking_uri
 
         cfg = _load(args)
         security = cfg.security
@@ -360,19 +360,19 @@ def cmd_serve(args) -> int:
         scfg = ServeConfig.model_validate(raw)
     except ValidationError as e:
         raise UserError(format_validation_error(e, args.file or "rayft serve", ServeConfig)) from None
-    from .access import require
+    from ..access import require
 
     require(security, "deploy", f"{model}" + (f" with adapters {', '.join(sorted(scfg.adapters))}" if scfg.adapters else "")
             + f" on {scfg.host}:{scfg.port}")
     print(connect(address, num_cpus))
-    from serve.app import run_server
+    from rayft.serve.app import run_server
 
     return run_server(scfg, model, tracking, smoke_test=args.smoke_test, security=security)
 
 
 def cmd_plan(args) -> int:
-    from .cluster_yaml import ClusterYamlError
-    from .plan import PlanError, run_plan
+    from ..cluster_yaml import ClusterYamlError
+    from ..plan import PlanError, run_plan
 
     try:
         return run_plan(args)
@@ -381,7 +381,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from .jobs import JobError, run_submit
+    from ..jobs import JobError, run_submit
 
     try:
         return run_submit(args)
@@ -390,7 +390,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_jobs(args) -> int:
-    from .jobs import JobError, run_jobs
+    from ..jobs import JobError, run_jobs
 
     try:
         return run_jobs(args)
@@ -490,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(fn=cmd_serve)
 
     # Cluster: plan, submit and manage jobs (cluster/plan.py, cluster/jobs.py).
-    from .jobs import add_connection_options, add_submit_options
+    from ..jobs import add_connection_options, add_submit_options
 
     pl = with_file(sub.add_parser("plan", help="memory per GPU and tokens per step; the cluster.yaml worker type that fits"))
     pl.add_argument("--cluster", help="cluster launcher config to recommend from (default: cluster.yaml of the project)")
@@ -518,12 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from data.chat import TemplateError
-    from data.formats import SourceError
-    from train.access import AccessDenied, PolicyError
-    from train.security import ArtifactKeyError
+    from rayft.data.chat import TemplateError
+    from rayft.data.formats import SourceError
+    from rayft.security.access import AccessDenied, PolicyError
+    from rayft.security.config import ArtifactKeyError
 
-    from .config import ConfigError
+    from ..config import ConfigError
 
     args = build_parser().parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):  # progress lines reach `ray job logs` and pipes as they happen

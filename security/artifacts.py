@@ -30,8 +30,7 @@ import struct
 import tempfile
 from typing import Iterator, Optional
 
-from .checkpoint import file_sha256
-from .security import SecurityConfig, load_key
+from .config import SecurityConfig, load_key
 
 MANIFEST = "rayft-manifest.json"
 ENC_SUFFIX = ".enc"
@@ -41,6 +40,14 @@ _PREFIX = 7
 _HEADER = len(MAGIC) + 4 + _PREFIX
 _TAG = 16
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (checkpoint and export manifests)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class ArtifactError(RuntimeError):

@@ -17,7 +17,7 @@ def train_toy_adapter(base_dir: str, out_dir: str, answer: str, steps: int = 40,
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from data.chat import render_prompt
+    from rayft.data.chat import render_prompt
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(base_dir)
@@ -54,8 +54,8 @@ def merge_toy_adapter(base_dir: str, adapter_dir: str, out_dir: str) -> str:
     """The merged model of base + adapter, through train/export's checked merge."""
     from transformers import AutoTokenizer
 
-    from train.config import ModelConfig
-    from train.export import merge_adapter
+    from rayft.models.config import ModelConfig
+    from rayft.train.export import merge_adapter
 
     merge_adapter(ModelConfig(name_or_path=base_dir, dtype="float32"), adapter_dir, out_dir,
                   AutoTokenizer.from_pretrained(base_dir))

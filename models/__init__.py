@@ -1,0 +1,1 @@
+"""Loading a base model, tokenizer or export (dtype, device, safetensors), the architecture table."""

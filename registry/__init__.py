@@ -1,0 +1,1 @@
+"""MLflow tracking, registry versions and aliases, the promotion policy."""
