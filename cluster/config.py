@@ -83,9 +83,34 @@ class RayftConfig(BaseModel):
             )
         return v
 
+    @model_validator(mode="after")
+    def _remote_storage_needs_a_tracking_server(self) -> "RayftConfig":
+        remote = "://" in self.storage_path and not self.storage_path.startswith("file://")
+        if remote and self.tracking.enabled and not self.tracking.tracking_uri:
+            raise ValueError(
+                f"storage_path {self.storage_path!r} is remote, and tracking.tracking_uri is unset: the embedded "
+                "SQLite store needs a local folder. Set tracking.tracking_uri to your MLflow server (for example "
+                "http://mlflow.internal:5000), or tracking.enabled: false"
+            )
+        return self
+
     @property
     def run_dir(self) -> str:
         return self.storage_path.rstrip("/") + "/" + self.name
+
+    @property
+    def storage_root(self) -> str:
+        """`storage_path` as every stage uses it: an absolute folder, or the URI as given (s3://, gs://)."""
+        return self.storage_path if "://" in self.storage_path else os.path.abspath(self.storage_path)
+
+    @property
+    def registered_model_name(self) -> Optional[str]:
+        """The registry name of this run's versions: `tracking.register_model`, else the run name; None when
+        registration is off (`register_model: ""`) or tracking is disabled."""
+        if not self.tracking.enabled:
+            return None
+        name = self.tracking.register_model if self.tracking.register_model is not None else self.name
+        return name or None
 
 
 class ConfigError(ValueError):
@@ -188,7 +213,10 @@ def format_validation_error(err: ValidationError, source: str, root: type[BaseMo
             msg = e["msg"]
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, "):]
-            lines.append(f"  {loc}: {_short(e.get('input'))} is not valid: {msg}")
+            if not e["loc"]:  # a check across sections: its message names the fields and their values
+                lines.append(f"  {msg}")
+            else:
+                lines.append(f"  {loc}: {_short(e.get('input'))} is not valid: {msg}")
     return "\n".join(lines)
 
 

@@ -3,10 +3,12 @@
     rayft submit FILE [--address URL] [--no-wait] -- train|tune|run|serve|data prepare ... [--set k=v]
     rayft jobs list | status ID | logs ID [--follow] | stop ID   [--address URL]
 
-A job runs `python -m rayft.cluster.cli <command> FILE ...` on the cluster's head, with the project folder
-uploaded as its `working_dir` (so the cluster runs exactly the code and config you have), the same
-as `ray job submit --working-dir . -- python -m rayft.cluster.cli <command> FILE`. Inside the job Ray sets
-`RAY_ADDRESS`, so the command joins the cluster instead of starting a local Ray.
+A job runs `python -m rayft.cluster.cli <command> FILE ...` on the cluster's head. The current folder (the
+user's project: configs, data) is uploaded as its `working_dir`, and the rayft code of this machine is shipped
+with it as a `py_modules` entry (a copy of the installed `rayft` package, staged by `stage_package`), so the job
+runs exactly the code and config you have, whatever version is installed on the cluster. `rayft submit --dry-run`
+prints the equivalent plain `ray job submit` command. Inside the job Ray sets `RAY_ADDRESS`, so the command joins
+the cluster instead of starting a local Ray.
 
 Authentication: Ray 2.60 clusters use token authentication (`RAY_AUTH_MODE=token`; a new local
 `ray.init()` turns it on and writes ~/.ray/auth_token, `ray start --head` turns it on when a token
@@ -33,8 +35,8 @@ WORKING_DIR_EXCLUDES = [
     ".venv", "venv", "runs", ".git", "mlruns", "mlartifacts", "**/__pycache__", "*.egg-info",
     ".pytest_cache", ".hypothesis", ".ruff_cache", ".mypy_cache",
 ]
-# Commands that take a config file, and how many words name them before FILE.
-_FILE_COMMANDS = {"train": 1, "tune": 1, "run": 1, "serve": 1, "data": 2, "config": 2, "plan": 1}
+# Where `rayft submit` stages the rayft package it ships (inside the project folder, never uploaded with it).
+STAGE_DIR = ".rayft/py_modules"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -116,43 +118,57 @@ def _first_line(e: BaseException) -> str:
 
 
 def project_root() -> Path:
-    """The folder uploaded as working_dir: the current folder if it is the rayft project, else the
-    project this code was loaded from."""
-    for candidate in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        if (candidate / "cluster" / "cli.py").is_file() and (candidate / "pyproject.toml").is_file():
-            return candidate.resolve()
-    raise JobError("rayft submit uploads the project folder (the one holding pyproject.toml and cluster/) as the "
-                   "job's working_dir; run it from that folder")
+    """The folder uploaded as the job's working_dir: the current folder, as `ray job submit --working-dir .`."""
+    return Path.cwd().resolve()
 
 
-def build_entrypoint(config_file: str, command: list[str], root: Path, known: dict[str, set]) -> tuple[str, str]:
+def stage_package(dest: Path) -> Path:
+    """Copy the rayft package this process runs (editable checkout or installed wheel) into `dest/rayft`, as a
+    regular package, for the job's `py_modules`: on the cluster it comes first on the path, so a job never runs
+    a stale rayft installed there. Returns the staged `rayft` folder."""
+    import importlib
+    import shutil
+
+    target = Path(dest) / "rayft"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    (target / "__init__.py").write_text('"""rayft, shipped with a Ray job (rayft submit)."""\n')
+    for sub in PACKAGES:
+        src = Path(importlib.import_module(f"rayft.{sub}").__file__).parent
+        shutil.copytree(src, target / sub, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return target
+
+
+# The subpackages of rayft that a job needs (examples carries the sample data the shipped configs name).
+PACKAGES = ("cluster", "data", "models", "registry", "security", "serve", "train", "tune", "examples")
+
+
+def build_entrypoint(config_file: str, command: list[str], root: Path) -> tuple[str, str]:
     """(entrypoint, config path relative to the project). `command` is what follows `--`."""
     import shlex
+
+    from .commands import SUBMITTABLE
 
     if not command:
         raise JobError("nothing to run: add the rayft command after `--`, for example "
                        "`rayft submit FILE -- train` or `rayft submit FILE -- data prepare`")
     head = command[0]
-    if head not in _FILE_COMMANDS or head == "plan":
-        allowed = sorted(c for c in _FILE_COMMANDS if c in known and c != "plan")
-        raise JobError(f"command {head!r} after `--` cannot be submitted; use one of {allowed} "
+    if head not in SUBMITTABLE:
+        raise JobError(f"command {head!r} after `--` cannot be submitted; use one of {sorted(SUBMITTABLE)} "
                        "(each runs on the config FILE)")
-    if head not in known:
-        raise JobError(f"command {head!r}: this version of rayft has no `rayft {head}` yet; "
-                       f"available: {sorted(c for c in _FILE_COMMANDS if c in known and c != 'plan')}")
-    words = _FILE_COMMANDS[head]
-    if words == 2:
-        if len(command) < 2 or command[1] not in known[head]:
-            raise JobError(f"`{head}` needs an action after it: one of {sorted(known[head])}, "
-                           f"for example `-- {head} {sorted(known[head])[0]}`")
+    spec = SUBMITTABLE[head]
+    if spec.actions and (len(command) < 2 or command[1] not in spec.actions):
+        raise JobError(f"`{head}` needs an action after it: one of {sorted(spec.actions)}, "
+                       f"for example `-- {head} {sorted(spec.actions)[0]}`")
     p = Path(config_file).resolve()
     if not p.is_file():
         raise JobError(f"{config_file}: no such config file")
     try:
         rel = p.relative_to(root)
     except ValueError:
-        raise JobError(f"{config_file}: the config must be inside the project folder {root} (only that folder "
-                       "is uploaded to the cluster); copy it under examples/ or a folder of the project") from None
+        raise JobError(f"{config_file}: the config must be inside the project folder {root} (the current folder, "
+                       "the only one uploaded to the cluster); run rayft submit from the folder that holds it") from None
+    words = spec.file_words
     argv = ["python", "-m", "rayft.cluster.cli", *command[:words], rel.as_posix(), *command[words:]]
     return " ".join(shlex.quote(a) for a in argv), rel.as_posix()
 
@@ -173,21 +189,38 @@ def make_submission_id(name: str, command: list[str]) -> str:
     return f"rayft-{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def submit(config_file: str, command: list[str], address: Optional[str] = None,
-           env_vars: Optional[dict] = None, pip: Optional[list[str]] = None,
-           entrypoint_num_cpus: Optional[float] = None, log: Callable[[str], None] = print) -> tuple[object, str]:
-    """Check the config locally, then submit; returns (client, job id)."""
-    from .cli import build_parser
-    from .config import load_config
-
-    root = project_root()
-    entrypoint, rel = build_entrypoint(config_file, command, root, known_commands(build_parser()))
-    cfg = load_config(config_file, overrides_in(command))  # a config mistake never reaches the cluster
-    runtime_env: dict = {"working_dir": str(root), "excludes": list(WORKING_DIR_EXCLUDES)}
+def runtime_env_for(root: Path, env_vars: Optional[dict] = None, pip: Optional[list[str]] = None) -> dict:
+    """The job's runtime_env: the project folder as working_dir and the staged rayft package as py_modules."""
+    staged = stage_package(root / STAGE_DIR)
+    runtime_env: dict = {"working_dir": str(root), "py_modules": [str(staged)],
+                         "excludes": [*WORKING_DIR_EXCLUDES, ".rayft"]}
     if env_vars:
         runtime_env["env_vars"] = dict(env_vars)
     if pip:
         runtime_env["pip"] = list(pip)
+    return runtime_env
+
+
+def submit(config_file: str, command: list[str], address: Optional[str] = None,
+           env_vars: Optional[dict] = None, pip: Optional[list[str]] = None,
+           entrypoint_num_cpus: Optional[float] = None, log: Callable[[str], None] = print,
+           dry_run: bool = False) -> tuple[object, Optional[str]]:
+    """Check the config locally, then submit; returns (client, job id). With dry_run, print the equivalent
+    `ray job submit` command instead and return (None, None)."""
+    import json
+    import shlex
+
+    from .config import load_config
+
+    root = project_root()
+    entrypoint, rel = build_entrypoint(config_file, command, root)
+    cfg = load_config(config_file, overrides_in(command))  # a config mistake never reaches the cluster
+    runtime_env = runtime_env_for(root, env_vars, pip)
+    if dry_run:
+        env = {k: v for k, v in runtime_env.items() if k != "working_dir"}
+        log("ray job submit --address " + resolve_address(address) + " --working-dir . --runtime-env-json "
+            + shlex.quote(json.dumps(env)) + " -- " + entrypoint)
+        return None, None
     client = make_client(address)
     job_id = client.submit_job(
         entrypoint=entrypoint, runtime_env=runtime_env, submission_id=make_submission_id(cfg.name, command),
@@ -196,24 +229,8 @@ def submit(config_file: str, command: list[str], address: Optional[str] = None,
     )
     log(f"submitted job {job_id} to {client.get_address()}")
     log(f"  entrypoint: {entrypoint}")
-    log(f"  working_dir: {root}")
+    log(f"  working_dir: {root}; rayft code: {runtime_env['py_modules'][0]}")
     return client, job_id
-
-
-def known_commands(parser) -> dict[str, set]:
-    """Top-level commands of the rayft parser, with their actions (for `data prepare`, `config show`)."""
-    import argparse
-
-    out: dict[str, set] = {}
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                acts = set()
-                for a in sub._actions:
-                    if isinstance(a, argparse._SubParsersAction):
-                        acts |= set(a.choices)
-                out[name] = acts
-    return out
 
 
 # --- follow, status, logs, stop -------------------------------------------------------------------
@@ -290,104 +307,3 @@ def stop(client, job_id: str) -> str:
         return f"{job_id} already ended ({info.status.value})"
     client.stop_job(job_id)
     return f"stop requested for {job_id}; `rayft jobs status {job_id}` shows when it has stopped"
-
-
-# --- the command line (called by cluster/cli.py) --------------------------------------------------
-
-
-def add_connection_options(p) -> None:
-    p.add_argument("--address", help=f"the head's job API: http://HOST:8265 (default: RAY_ADDRESS, else {DEFAULT_ADDRESS})")
-
-
-def add_submit_options(p) -> None:
-    add_connection_options(p)
-    p.add_argument("--no-wait", action="store_true", help="print the job id and return; do not follow the logs")
-    p.add_argument("--timeout-s", type=float, help="stop following after this many seconds (the job keeps running)")
-    p.add_argument("--env", action="append", metavar="KEY=VALUE", help="environment variable for the job (repeatable)")
-    p.add_argument("--pip", action="append", metavar="PACKAGE", help="extra pip package for the job's runtime_env (repeatable)")
-    p.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the job's driver (default: none)")
-
-
-def _split_rest(args) -> list[str]:
-    """Options written after FILE and before `--` belong to submit; the rest is the rayft command."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="rayft submit FILE", add_help=False)
-    add_submit_options(p)
-    p.add_argument("command", nargs=argparse.REMAINDER)
-    late = p.parse_args(args.rest)
-    for key, value in vars(late).items():
-        if key != "command" and value not in (None, False):
-            current = getattr(args, key, None)
-            setattr(args, key, (current or []) + value if isinstance(value, list) else value)
-    command = list(late.command)
-    if command and command[0] == "--":
-        command = command[1:]
-    return command
-
-
-def _env(pairs: Optional[list[str]]) -> dict:
-    out = {}
-    for item in pairs or []:
-        if "=" not in item or not item.split("=", 1)[0]:
-            raise JobError(f"--env {item!r}: expected KEY=VALUE, for example --env DS_ACCELERATOR=cpu")
-        k, v = item.split("=", 1)
-        out[k] = v
-    return out
-
-
-def _auth_errors_explained(fn):
-    """A token refused mid-command (after connecting) gets the same explanation as at connect time."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(args):
-        try:
-            return fn(args)
-        except Exception as e:
-            if _is_auth_error(e):
-                addr = resolve_address(getattr(args, "address", None))
-                raise _auth_job_error(addr, e, find_auth_token() is not None) from None
-            raise
-
-    return wrapper
-
-
-@_auth_errors_explained
-def run_submit(args) -> int:
-    command = _split_rest(args)
-    client, job_id = submit(args.file, command, args.address, env_vars=_env(args.env), pip=args.pip,
-                            entrypoint_num_cpus=args.entrypoint_num_cpus)
-    if args.no_wait:
-        print(f"follow it with: rayft jobs logs {job_id} --follow")
-        return 0
-    try:
-        status = follow(client, job_id, timeout_s=args.timeout_s)
-    except KeyboardInterrupt:
-        print(f"\nstopped following; job {job_id} keeps running (rayft jobs stop {job_id} to stop it)", file=sys.stderr)
-        return 130
-    print(f"job {job_id}: {status}")
-    if status not in TERMINAL:
-        print(f"still running after --timeout-s {args.timeout_s:g}; rayft jobs logs {job_id} --follow", file=sys.stderr)
-    return exit_code_for(status)
-
-
-@_auth_errors_explained
-def run_jobs(args) -> int:
-    client = make_client(args.address)
-    if args.action == "list":
-        print(list_jobs(client))
-        return 0
-    if args.action == "status":
-        print(job_status(client, args.job_id))
-        return exit_code_for(str(_info(client, args.job_id).status.value)) if args.exit_code else 0
-    if args.action == "logs":
-        _info(client, args.job_id)
-        if args.follow:
-            return exit_code_for(follow(client, args.job_id))
-        sys.stdout.write(client.get_job_logs(args.job_id))
-        return 0
-    if args.action == "stop":
-        print(stop(client, args.job_id))
-        return 0
-    raise JobError(f"unknown jobs action {args.action!r}")

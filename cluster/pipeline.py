@@ -71,7 +71,7 @@ def run_pipeline(cfg, *, resume: bool = False, policy: Optional[str] = None,
                  log: Callable[[str], None] = print) -> RunOutcome:
     """data -> train or tune -> export + merge -> register + promote. Returns where everything is."""
     promotion = effective_promotion(cfg, policy)
-    name = cfg.tracking.register_model if cfg.tracking.register_model is not None else cfg.name
+    name = cfg.registered_model_name
     if cfg.tune is not None:
         # The search crowns its best trial with the config's policy: --promote must reach it there.
         cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"promotion": promotion})})
@@ -133,11 +133,11 @@ def _run_search(cfg, resume: bool, log) -> RunOutcome:
         result.rejects = os.path.join(trial_dir, "rejects.jsonl")
     result.adapter_dir = os.path.join(out.search_dir, "export", "adapter")
     result.merged_dir = out.merged_dir
-    name = cfg.tracking.register_model if cfg.tracking.register_model is not None else cfg.name
+    name = cfg.registered_model_name
     if out.registered is not None:
         from rayft.registry.tracking import tracking_uri
 
-        storage = os.path.abspath(cfg.storage_path) if "://" not in cfg.storage_path else cfg.storage_path
+        storage = cfg.storage_root
         result.tracking_uri = tracking_uri(cfg.tracking.tracking_uri, storage)
         result.model_name, result.version, result.alias = name, out.registered.version, out.promoted
     result.notes.extend(out.notes)

@@ -51,7 +51,7 @@ def crown_run(run_dir: str, out_dir: str, name: Optional[str], uri: Optional[str
 
 def crown(cfg, outcome, data, uri: Optional[str], log: Callable[[str], None] = print) -> None:
     best = outcome.best
-    name = cfg.tracking.register_model if cfg.tracking.register_model is not None else cfg.name
+    name = cfg.registered_model_name
     done = crown_run(best.run_dir, os.path.join(outcome.search_dir, "export"), name, uri, best.best_eval_loss,
                      data.fingerprint, cfg.tune.promotion.policy, cfg.tune.promotion.min_improvement, log,
                      tags={"rayft.search": os.path.basename(outcome.search_dir)})

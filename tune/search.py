@@ -129,7 +129,7 @@ def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) ->
     # Training reports at logging steps carry no eval loss; ASHA skips those, Tune's strict check must too.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
 
-    storage = os.path.abspath(cfg.storage_path) if "://" not in cfg.storage_path else cfg.storage_path
+    storage = cfg.storage_root
     search_name = f"{cfg.name}-search"
     search_dir = os.path.join(storage, search_name)
     cluster = ray.cluster_resources()

@@ -226,6 +226,7 @@ def test_set_overrides_scalars_with_yaml_values(tmp_path):
     cfg = load_config(write(tmp_path, MINIMAL), [
         "data.max_seq_length=1024", "data.packing=false", "model.name_or_path=/models/x",
         "data.chat_template='{{ messages }}'", "storage_path=s3://bucket/runs", "data.seed=7",
+        "tracking.tracking_uri=http://127.0.0.1:5000",
     ])
     assert cfg.data.max_seq_length == 1024 and cfg.data.packing is False
     assert cfg.model.name_or_path == "/models/x"
@@ -311,3 +312,14 @@ def test_parse_override_values():
 def test_apply_override_names_its_origin():
     with pytest.raises(ConfigError, match=r"^env RAYFT_X a\.9:"):
         apply_override({"a": [1]}, ["a", "9"], 2, origin="env RAYFT_X")
+
+
+def test_remote_storage_without_a_tracking_server_is_a_config_error(tmp_path):
+    """Found when the config loads, not after the data stage: the embedded SQLite store needs a local folder."""
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, MINIMAL), ["storage_path=s3://bucket/runs"])
+    msg = str(e.value)
+    assert "storage_path 's3://bucket/runs' is remote" in msg and "tracking.tracking_uri" in msg, msg
+    assert "(top level)" not in msg and "{'data'" not in msg  # the message, not a dump of the whole config
+    cfg = load_config(write(tmp_path, MINIMAL), ["storage_path=s3://bucket/runs", "tracking.enabled=false"])
+    assert cfg.storage_root == "s3://bucket/runs" and cfg.registered_model_name is None

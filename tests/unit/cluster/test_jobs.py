@@ -5,27 +5,27 @@ from pathlib import Path
 import pytest
 
 from rayft.cluster.cli import build_parser
+from rayft.cluster.cli.cluster import _split_rest
+from rayft.cluster.commands import BY_NAME, COMMANDS
 from rayft.cluster.jobs import (
     DEFAULT_ADDRESS,
     JobError,
-    _split_rest,
     build_entrypoint,
     find_auth_token,
-    known_commands,
     make_submission_id,
     overrides_in,
     resolve_address,
+    stage_package,
 )
 
 ROOT = Path(__file__).resolve().parents[3]
-KNOWN = known_commands(build_parser())
 
 
 def test_entrypoint_puts_the_config_after_the_command_words():
-    ep, rel = build_entrypoint(str(ROOT / "examples/quickstart.yaml"), ["data", "prepare", "--set", "a=b c"], ROOT, KNOWN)
+    ep, rel = build_entrypoint(str(ROOT / "examples/quickstart.yaml"), ["data", "prepare", "--set", "a=b c"], ROOT)
     assert ep == "python -m rayft.cluster.cli data prepare examples/quickstart.yaml --set 'a=b c'"
     assert rel == "examples/quickstart.yaml"
-    ep, _ = build_entrypoint(str(ROOT / "examples/quickstart.yaml"), ["train", "--resume"], ROOT, KNOWN)
+    ep, _ = build_entrypoint(str(ROOT / "examples/quickstart.yaml"), ["train", "--resume"], ROOT)
     assert ep == "python -m rayft.cluster.cli train examples/quickstart.yaml --resume"
 
 
@@ -37,14 +37,14 @@ def test_entrypoint_puts_the_config_after_the_command_words():
 ])
 def test_entrypoint_errors_say_what_to_write(command, match):
     with pytest.raises(JobError, match=match):
-        build_entrypoint(str(ROOT / "examples/quickstart.yaml"), command, ROOT, KNOWN)
+        build_entrypoint(str(ROOT / "examples/quickstart.yaml"), command, ROOT)
 
 
 def test_config_outside_the_project_is_refused(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("name: x\n")
     with pytest.raises(JobError, match="inside the project folder"):
-        build_entrypoint(str(f), ["data", "prepare"], ROOT, KNOWN)
+        build_entrypoint(str(f), ["data", "prepare"], ROOT)
 
 
 def test_overrides_and_submission_id():
@@ -92,6 +92,30 @@ def test_submit_options_before_and_after_the_file():
     assert _split_rest(args) == ["data", "prepare"] and not args.no_wait
 
 
-def test_plan_and_jobs_commands_are_registered():
-    assert {"plan", "submit", "jobs"} <= set(KNOWN)
-    assert KNOWN["jobs"] == {"list", "status", "logs", "stop"}
+def _parser_commands(parser) -> dict[str, set]:
+    """What argparse actually built: top-level commands with their actions."""
+    import argparse
+
+    def subparsers(p):
+        return next((a for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
+
+    return {name: set(getattr(subparsers(sp), "choices", {}) or {}) for name, sp in subparsers(parser).choices.items()}
+
+
+def test_the_parser_is_the_command_table():
+    built = _parser_commands(build_parser())
+    assert list(built) == [c.name for c in COMMANDS]
+    for c in COMMANDS:
+        assert built[c.name] == set(c.actions), c.name
+    assert BY_NAME["jobs"].actions == ("list", "status", "logs", "stop")
+
+
+def test_staged_package_is_a_regular_rayft_package(tmp_path):
+    """What `rayft submit` ships as py_modules: every subpackage (with the sample data), as a regular package that
+    wins over a rayft installed on the cluster."""
+    staged = stage_package(tmp_path)
+    assert staged == tmp_path / "rayft" and (staged / "__init__.py").is_file()
+    for sub in ("cluster/cli/__init__.py", "cluster/commands.py", "train/loop.py", "serve/app.py", "security/access.py",
+                "models/load.py", "registry/versions.py", "examples/quickstart.yaml", "examples/data/kb.jsonl"):
+        assert (staged / sub).is_file(), sub
+    assert not list(staged.rglob("__pycache__"))
