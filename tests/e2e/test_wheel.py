@@ -80,7 +80,7 @@ def test_commands_from_an_empty_folder(wheel_venv, tmp_path):
     import json
 
     plan = json.loads(_run([rayft, "plan", "rayft.yaml", "--json"], proj, env).stdout)
-    assert plan["model"] and plan["memory_per_gpu_bytes"] > 0, plan
+    assert plan["model"] and plan["memory_per_gpu_bytes"]["total"] > 0, plan
     # --cluster defaults to the packaged cluster.yaml: the plan works without the project's copy too
     (proj / "cluster.yaml").unlink()
     _run([rayft, "plan", "rayft.yaml"], proj, env)
