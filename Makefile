@@ -25,10 +25,11 @@ quickstart: $(STAMP)
 	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(BIN)/rayft quickstart
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/data_pipeline.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) runs .pytest_cache .hypothesis .rayft build dist

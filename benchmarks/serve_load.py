@@ -18,7 +18,7 @@ against the same model, on the same machine, back to back:
                                               [--out results.json] [--workdir DIR]
 
 The model is rayft's tiny Llama at a configurable width (no weights can be downloaded here); adapters and the
-merged model are made in-process in seconds (serve/testing.py). Serve runs on a local Ray with 2 CPUs; the
+merged model are made in-process in seconds (tests/serve_helpers.py). Serve runs on a local Ray with 2 CPUs; the
 replica gets 1 CPU and 1 torch thread so the proxy and this client have the other. Multi-LoRA rows go through
 rayft's batched LoRA layers (serve/batched_lora.py: one gather + two bmm per layer for the whole batch).
 

@@ -59,7 +59,7 @@ class RayftConfig(BaseModel):
     security: SecurityConfig = Field(
         default_factory=SecurityConfig,
         description="Artifacts at rest (manifest, AES-256-GCM encryption), safetensors-only loading, the access "
-        "policy and the audit log (train/security.py).",
+        "policy and the audit log (security/).",
     )
 
     @model_validator(mode="after")

@@ -216,7 +216,7 @@ class MemoryPlan:
 
 
 def compute_dtype(cfg) -> str:
-    """The dtype training will use: the config's, or for `auto` bf16 on GPUs and fp32 on CPU (train/model.py)."""
+    """The dtype training will use: the config's, or for `auto` bf16 on GPUs and fp32 on CPU (models/load.py)."""
     if cfg.model.dtype != "auto":
         return cfg.model.dtype
     return "bfloat16" if cfg.train.use_gpu else "float32"

@@ -18,10 +18,10 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, quiet
     _quiet_ray_data(quiet)
     address = address or os.environ.get("RAY_ADDRESS") or None
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    # Workers must import our packages from the project folder, local or on a cluster.
     if address:
         ray.init(address=address, log_to_driver=not quiet, logging_level="WARNING" if quiet else "INFO")
-        return f"joined Ray at {address}"
+        # Which rayft runs matters on a cluster: a submitted job ships its own (py_modules) and says so here.
+        return f"joined Ray at {address} (rayft code: {_rayft_code_dir()})"
     # The dashboard (on loopback, on a free port) serves Ray's state API, which Ray Train uses to release
     # the placement group of a run whose controller died (a trial stopped by ASHA, a killed driver).
     # Without it those CPUs stay reserved and later trials wait forever. Ray's workers find the state API by
@@ -41,6 +41,12 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, quiet
         _node_ip_address="127.0.0.1",
     )
     return f"started a local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+
+
+def _rayft_code_dir() -> str:
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parent.parent)
 
 
 def _quiet_ray_data(quiet: bool) -> None:

@@ -1,7 +1,7 @@
 """Access control: one policy file maps roles to actions and people (and serving tenants) to roles; every decision,
 allowed or denied, is one JSON line in the audit log.
 
-Policy file (YAML), for example examples/policy.yaml:
+Policy file (YAML), for example examples/security/policy.yaml:
 
     roles:
       admin: ["*"]                                   # every action
@@ -96,7 +96,7 @@ def load_policy(path: str) -> Policy:
 
     if not os.path.isfile(path):
         raise PolicyError(f"policy file {path!r} does not exist; fix security.policy_file (or RAYFT_POLICY_FILE) or "
-                          f"write the file (see examples/policy.yaml)")
+                          f"write the file (see examples/security/policy.yaml)")
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)

@@ -229,11 +229,6 @@ def decrypt_folder(src: str, dst: str, key: bytes) -> str:
     return dst
 
 
-def is_encrypted(folder: str) -> bool:
-    m = read_manifest(folder) if os.path.isdir(folder) else None
-    return bool(m and m.get("encryption"))
-
-
 # ------------------------------------------------------------------------------------------- loading
 
 
@@ -286,9 +281,3 @@ def opened_for_load(path: str, security: Optional[SecurityConfig] = None) -> Ite
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def is_artifact_root(folder: str) -> bool:
-    """A folder that holds a model or adapter (plain or encrypted)."""
-    names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
-    return bool(names & {"config.json", "adapter_config.json", MANIFEST})

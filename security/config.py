@@ -28,7 +28,7 @@ class ArtifactKeyError(ValueError):
 
 
 class SecurityConfig(BaseModel):
-    """Artifacts at rest, weight formats, and access control (train/security.py, train/artifacts.py, train/access.py)."""
+    """Artifacts at rest, weight formats, and access control (security/config.py, security/artifacts.py, security/access.py)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

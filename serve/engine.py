@@ -365,12 +365,6 @@ def probe_answers(model, tokenizer, max_tokens: int = 16) -> list[list[int]]:
     return answers
 
 
-def greedy_agreement(reference, candidate, tokenizer, max_tokens: int = 16) -> float:
-    """Share of PROBE_PROMPTS whose greedy continuations (max_tokens) are identical under both models."""
-    pairs = zip(probe_answers(reference, tokenizer, max_tokens), probe_answers(candidate, tokenizer, max_tokens))
-    return sum(a == b for a, b in pairs) / len(PROBE_PROMPTS)
-
-
 def set_threads(n: Optional[int]) -> None:
     import torch
 

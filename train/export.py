@@ -6,7 +6,7 @@
                   loads with `AutoModelForCausalLM.from_pretrained(DIR/merged)`
 
 Both folders end with a manifest (`rayft-manifest.json`, the SHA-256 of every file) and, with
-`security.encrypt_artifacts`, are encrypted at rest (train/artifacts.py); the security settings are the run's own
+`security.encrypt_artifacts`, are encrypted at rest (security/artifacts.py); the security settings are the run's own
 (its config), unless the caller passes others.
 
 The merge is checked: on a probe batch, the logits of the merged model (as saved and reloaded) must match

@@ -124,7 +124,7 @@ def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) ->
 
     tcfg = cfg.tune
     if tcfg is None:
-        raise SearchError(f"{cfg.name}: the config has no `tune:` section; add one (see examples/quickstart-tune.yaml)")
+        raise SearchError(f"{cfg.name}: the config has no `tune:` section; add one (see examples/quickstart.yaml)")
     validate_space(tcfg, cfg.train)
     # Training reports at logging steps carry no eval loss; ASHA skips those, Tune's strict check must too.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"

@@ -35,6 +35,7 @@ VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 RAYFT = str(VENV_BIN / "rayft")
 CONFIG = "examples/quickstart.yaml"
+REPO = Path(__file__).resolve().parents[2]
 # The jobs under test run `python -m rayft.cluster.cli <command> CONFIG --set ...` on the cluster: a short training
 # run on the tiny model (2 workers, ZeRO-2, 4 steps), without the quickstart's search.
 TRAIN_JOB = ("train",)
@@ -268,16 +269,28 @@ def test_missing_or_wrong_token_is_explained(cluster):
     assert out.returncode == 2 and "refused the token" in out.stderr, out.stderr
 
 
+def _runs_shipped_code(stdout: str) -> None:
+    """The job imported rayft from its py_modules (unpacked by Ray), not from an install on the cluster."""
+    line = next((x for x in stdout.splitlines() if "rayft code:" in x), "")
+    assert "py_modules_files" in line and str(REPO) not in line, line or stdout[-3000:]
+
+
 def test_ray_job_submit_cli(cluster, repo_root, tiny_model_dir, tmp_path):
+    """The plain `ray job submit` equivalent of `rayft submit`, as the README gives it: `--dry-run` prints it."""
+    import shlex
+
     storage = tmp_path / "runs-ray-cli"
     env = dict(cluster.env, RAY_AUTH_MODE="token")  # Ray's CLI attaches the token in token mode
-    cmd = [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(repo_root),
-           "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git", "mlruns"]}),
-           "--", "python", "-m", "rayft.cluster.cli", *_job_args(TRAIN_JOB, tiny_model_dir, storage)]
-    out = _run(cmd, env, JOB_TIMEOUT_S, cwd=repo_root)
+    dry = _run([RAYFT, "submit", CONFIG, "--address", cluster.dashboard, "--dry-run", "--",
+                *[a for a in _job_args(TRAIN_JOB, tiny_model_dir, storage) if a != CONFIG]], env, 60, cwd=repo_root)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    cmd = shlex.split(next(x for x in dry.stdout.splitlines() if x.startswith("ray job submit ")))
+    assert "py_modules" in json.loads(cmd[cmd.index("--runtime-env-json") + 1])
+    out = _run([RAY, *cmd[1:]], env, JOB_TIMEOUT_S, cwd=repo_root)
     assert out.returncode == 0, f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
     assert "succeeded" in out.stdout.lower(), out.stdout[-2000:]
     assert LOG_MARKER in out.stdout, out.stdout[-3000:]
+    _runs_shipped_code(out.stdout)
     versions = _check_outputs(storage, TRAIN_OUTPUTS)
     assert [v["tags"]["kind"] for v in versions] == ["adapter"], versions  # `train` registers its adapter
 
@@ -292,6 +305,7 @@ def test_rayft_submit_and_jobs(cluster, repo_root, tiny_model_dir, tmp_path):
     job_id = next(line.split()[2] for line in out.stdout.splitlines() if line.startswith("submitted job "))
     assert f"job {job_id}: SUCCEEDED" in out.stdout
     assert LOG_MARKER in out.stdout  # the job's own output, followed live
+    _runs_shipped_code(out.stdout)
     for stage in ("[1/5 data]", "[2/5 train]", "[3/5 export]", "[4/5 register]", "[5/5 serve]"):
         assert stage in out.stdout, f"{stage} missing from the job's output:\n{out.stdout[-3000:]}"
     versions = _check_outputs(storage, RUN_OUTPUTS)

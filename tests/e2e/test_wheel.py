@@ -5,6 +5,7 @@ everything lives under `rayft.`."""
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -27,7 +28,11 @@ def _run(cmd, cwd, env, timeout_s=300):
 def wheel_venv(tmp_path_factory):
     root = tmp_path_factory.mktemp("wheel")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", root / "dist", REPO],
+    # Built from a copy: an in-tree build would leave build/ in the checkout, whose stale files a later wheel keeps.
+    src = root / "src"
+    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "runs", "build", "dist", "*.egg-info", ".rayft", "__pycache__", ".pytest_cache", ".hypothesis"))
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", root / "dist", src],
          root, env)
     [wheel] = list((root / "dist").glob("rayft-*.whl"))
     venv = root / "venv"

@@ -12,12 +12,11 @@ from rayft.data.pack import (
     best_fit_decreasing,
     collate,
     labels_for,
-    pack_examples,
     pack_flat,
     padding_waste_unpacked,
-    single_examples,
     single_flat,
 )
+from tests.pack_helpers import pack_examples, single_examples
 
 PAD = 0
 

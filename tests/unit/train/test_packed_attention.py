@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from rayft.data.pack import collate, pack_examples
+from rayft.data.pack import collate
 from rayft.train.loss import count_loss_tokens, sum_token_loss
+from tests.pack_helpers import pack_examples
 
 
 @pytest.fixture(scope="module")
