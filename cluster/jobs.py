@@ -229,7 +229,7 @@ def submit(config_file: str, command: list[str], address: Optional[str] = None,
     )
     log(f"submitted job {job_id} to {client.get_address()}")
     log(f"  entrypoint: {entrypoint}")
-    log(f"  working_dir: {root}; rayft code: {runtime_env['py_modules'][0]}")
+    log(f"  working_dir: {root}; py_modules: {runtime_env['py_modules'][0]} (this machine's rayft)")
     return client, job_id
 
 
