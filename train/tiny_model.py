@@ -13,6 +13,7 @@ from typing import Iterable, Optional
 
 from rayft.data.chat import DEFAULT_CHAT_TEMPLATE
 
+TINY_HEAD_DIM = 64
 SPECIAL_TOKENS = ["<|pad|>", "<|begin_of_text|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -62,7 +63,7 @@ def build_tiny_model(
     out_dir: str,
     corpus_files: Optional[list[str]] = None,
     vocab_size: int = 1024,
-    hidden_size: int = 64,
+    hidden_size: int = 128,
     num_layers: int = 2,
     max_position_embeddings: int = 2048,
     seed: int = 0,
@@ -82,8 +83,11 @@ def build_tiny_model(
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        # head_dim 64: the smallest head size vLLM's CPU attention takes (it refuses 16), so the same tiny model
+        # serves on the vllm engine; 2 query heads share 1 key/value head (grouped-query attention, as real Llamas).
+        num_attention_heads=hidden_size // TINY_HEAD_DIM,
+        num_key_value_heads=max(1, hidden_size // TINY_HEAD_DIM // 2),
+        head_dim=TINY_HEAD_DIM,
         max_position_embeddings=max_position_embeddings,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -97,5 +101,5 @@ def build_tiny_model(
     tok.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "rayft_tiny_model.json"), "w") as f:
         json.dump({"built_by": "rayft tiny-model", "corpus_files": [os.path.basename(x) for x in files],
-                   "vocab_size": len(tok), "hidden_size": hidden_size, "num_layers": num_layers, "seed": seed}, f, indent=2)
+                   "vocab_size": len(tok), "hidden_size": hidden_size, "head_dim": TINY_HEAD_DIM, "num_layers": num_layers, "seed": seed}, f, indent=2)
     return out_dir
