@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rayft.data.config import DataConfig
+from rayft.data.storage import StorageConfig
 from rayft.models.config import ModelConfig
 from rayft.registry.config import TrackingConfig
 from rayft.security.config import SecurityConfig
@@ -61,6 +62,9 @@ class RayftConfig(BaseModel):
         description="Artifacts at rest (manifest, AES-256-GCM encryption), safetensors-only loading, the access "
         "policy and the audit log (security/).",
     )
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig, description="Object storage endpoint for s3:// sources, storage_path, MLflow "
+        "artifacts and exports (data/storage.py); credentials come from each node's environment, never the config.")
 
     @model_validator(mode="after")
     def _search_space_fits_train(self) -> "RayftConfig":
@@ -101,7 +105,7 @@ class RayftConfig(BaseModel):
     @property
     def storage_root(self) -> str:
         """`storage_path` as every stage uses it: an absolute folder, or the URI as given (s3://, gs://)."""
-        return self.storage_path if "://" in self.storage_path else os.path.abspath(self.storage_path)
+        return self.storage_path.rstrip("/") if "://" in self.storage_path else os.path.abspath(self.storage_path)
 
     @property
     def registered_model_name(self) -> Optional[str]:

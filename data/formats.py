@@ -84,7 +84,9 @@ def _list_remote(uri: str) -> list[str]:
 
     import pyarrow.fs as pafs
 
-    fs, root = pafs.FileSystem.from_uri(uri.split("*")[0].rsplit("/", 1)[0] + "/" if "*" in uri else uri)
+    from .storage import filesystem
+
+    fs, root = filesystem(uri.split("*")[0].rsplit("/", 1)[0] + "/" if "*" in uri else uri)
     scheme = uri.split("://", 1)[0]
     pattern = uri.split("://", 1)[1] if "*" in uri or "?" in uri else None
     info = fs.get_file_info(root)
@@ -263,12 +265,11 @@ def _iter_parquet(data: bytes, limit: int) -> Iterator[RawRecord]:
                 yield RawRecord(row, None, None, "", "unparsable_parquet", detail)
 
 
-def read_bytes(path: str) -> bytes:
+def read_bytes(path: str, limit: Optional[int] = None) -> bytes:
+    """A source file's bytes, or its first `limit` bytes (a ranged read on object stores)."""
     if _is_uri(path):
-        import pyarrow.fs as pafs
+        from .storage import read_bytes as read_remote
 
-        fs, p = pafs.FileSystem.from_uri(path)
-        with fs.open_input_stream(p) as f:
-            return f.read()
+        return read_remote(path, limit)
     with open(path, "rb") as f:
-        return f.read()
+        return f.read(limit) if limit is not None else f.read()

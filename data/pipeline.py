@@ -154,8 +154,16 @@ def _detect(src: SourceConfig, files: list[str], formats: dict, where: str, limi
     )
 
 
+def _filesystem_of(files: list[str]):
+    """The filesystem Ray Data reads remote sources with (the configured endpoint; None: local files)."""
+    from .storage import filesystem, is_uri
+
+    return filesystem(files[0])[0] if files and is_uri(files[0]) else None
+
+
 def _head(path: str, fmt: str, nbytes: int = 1 << 20) -> bytes:
-    data = read_bytes(path)
+    # Line formats are sniffed from their first MiB only (a ranged read on S3); JSON and Parquet need the whole file.
+    data = read_bytes(path, nbytes + 1 if fmt in ("jsonl", "csv") else None)
     if fmt in ("jsonl", "csv") and len(data) > nbytes:
         cut = data.rfind(b"\n", 0, nbytes)
         data = data[: cut if cut > 0 else nbytes]
@@ -378,7 +386,7 @@ def prepare(
     parts = []
     for p in plans:
         plan = {"index": p.index, "name": p.name, "config": p.config, "formats": p.formats, "schema": p.schema}
-        ds = ray.data.read_binary_files(p.files, include_paths=True)
+        ds = ray.data.read_binary_files(p.files, include_paths=True, filesystem=_filesystem_of(p.files))
         parts.append(ds.map_batches(parse_files, batch_format="pyarrow", batch_size=1, fn_kwargs={
             "plan": plan, "redact_pii": cfg.redact_pii, "raw_limit": cfg.rejects_sample_chars}))
     # One task reads a whole file; smaller blocks afterwards keep every CPU busy while rendering.

@@ -6,11 +6,17 @@
 - `ray_local`: a local Ray (2 CPUs) started once per session by `cluster.ray_conn.connect`, shut
   down at the end. Tests that need Ray take this fixture; unit tests never do.
 - `repo_root`, `sample_data_dir`: where the project and its bundled sample data live.
+- `s3_server`: a real S3-compatible server (SeaweedFS) on loopback for the session (tests/s3_server.py).
 """
 import os
 
 # DeepSpeed probes for an accelerator at import time; these machines have none. A GPU run can override.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# The test S3 server's static keys are in this process's environment from the start, as a cluster node has its own
+# keys (or instance role): every Ray worker the tests start inherits them. The endpoint is set where it is needed.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "rayft-test-key")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "rayft-test-secret")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 from pathlib import Path  # noqa: E402
 
@@ -68,3 +74,14 @@ def ray_local():
     yield ray
     if started_here:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """SeaweedFS's S3 API on a free loopback port, static keys; stopped by its process id at the end."""
+    from tests.s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    yield server
+    server.stop()

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 def load_args_config(args):
     """The config FILE of a command, with its `--set` overrides applied (validated: a ConfigError names the field)."""
+    from rayft.data.storage import apply_storage_settings
+
     from ..config import load_config
 
-    return load_config(args.file, args.set or [])
+    cfg = load_config(args.file, args.set or [])
+    apply_storage_settings(cfg.storage)  # one endpoint for Ray Train, Ray Data, MLflow artifacts, export, serving
+    return cfg
 
 
 def with_file(sp):
