@@ -17,6 +17,14 @@ exists). Ray's own SDK attaches the token only when
 (`RAY_AUTH_TOKEN`, then the file at `RAY_AUTH_TOKEN_PATH`, then `~/.ray/auth_token`) and sends it as
 the bearer token whenever it finds one, so `rayft submit` works against a protected head without
 extra settings. A head without token auth ignores the header.
+
+Access: before anything is uploaded or even connected, the access policy is checked here for the command inside
+the job (`-- run` needs train or tune, promote unless the effective promotion policy is `never`, and deploy with
+`--serve`; `-- serve` needs deploy), for the user who submits ($RAYFT_USER, else the OS user), with one audit line
+per decision (source `submit`). The job then runs as that user: `rayft submit` sets RAYFT_USER and
+RAYFT_SUBMITTED_BY in its environment (and `rayft_submitted_by` in its metadata), so every audit line the job writes
+names the submitter, and `--env RAYFT_USER=...` is refused. Anyone holding the cluster's token can run any code on
+the cluster, so inside the cluster this is attribution, not enforcement.
 """
 from __future__ import annotations
 
@@ -28,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
+
+from rayft.security.access import SUBMITTED_BY_ENV, USER_ENV
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded: environments, run outputs, history, caches. Ray also honours the project's .gitignore.
@@ -201,6 +211,24 @@ def runtime_env_for(root: Path, env_vars: Optional[dict] = None, pip: Optional[l
     return runtime_env
 
 
+def check_submission(cfg, command: list[str], env_vars: Optional[dict]) -> str:
+    """The access checks the command inside the job will make, made here for the submitting user (one audit line
+    each, source `submit`); raises AccessDenied before anything is uploaded. Returns the submitting principal."""
+    from rayft.security.access import current_user
+
+    from .access import command_actions, require
+
+    for name in (USER_ENV, SUBMITTED_BY_ENV):
+        if name in (env_vars or {}):
+            raise JobError(f"--env {name}=...: a job runs as the user who submits it and is recorded as such; remove "
+                           f"the --env and set {USER_ENV} in your own environment when you act as another account "
+                           f"(the policy is checked for that user before the job is submitted)")
+    submitter = current_user()
+    for action, target in command_actions(cfg, command):
+        require(cfg, action, target, principal=submitter, source="submit")
+    return submitter
+
+
 def submit(config_file: str, command: list[str], address: Optional[str] = None,
            env_vars: Optional[dict] = None, pip: Optional[list[str]] = None,
            entrypoint_num_cpus: Optional[float] = None, log: Callable[[str], None] = print,
@@ -215,6 +243,8 @@ def submit(config_file: str, command: list[str], address: Optional[str] = None,
     root = project_root()
     entrypoint, rel = build_entrypoint(config_file, command, root)
     cfg = load_config(config_file, overrides_in(command))  # a config mistake never reaches the cluster
+    submitter = check_submission(cfg, command, env_vars)  # nor does a command the policy denies
+    env_vars = {**(env_vars or {}), USER_ENV: submitter, SUBMITTED_BY_ENV: submitter}
     runtime_env = runtime_env_for(root, env_vars, pip)
     if dry_run:
         env = {k: v for k, v in runtime_env.items() if k != "working_dir"}
@@ -224,10 +254,11 @@ def submit(config_file: str, command: list[str], address: Optional[str] = None,
     client = make_client(address)
     job_id = client.submit_job(
         entrypoint=entrypoint, runtime_env=runtime_env, submission_id=make_submission_id(cfg.name, command),
-        metadata={"rayft_command": " ".join(command[:2]), "rayft_config": rel, "rayft_run": cfg.name},
+        metadata={"rayft_command": " ".join(command[:2]), "rayft_config": rel, "rayft_run": cfg.name,
+                  "rayft_submitted_by": submitter},
         entrypoint_num_cpus=entrypoint_num_cpus,
     )
-    log(f"submitted job {job_id} to {client.get_address()}")
+    log(f"submitted job {job_id} to {client.get_address()} as {submitter!r} (its audit lines name the submitter)")
     log(f"  entrypoint: {entrypoint}")
     log(f"  working_dir: {root}; py_modules: {runtime_env['py_modules'][0]} (this machine's rayft)")
     return client, job_id

@@ -16,7 +16,8 @@ Policy file (YAML), for example examples/security/policy.yaml:
     default_role: null                               # role of anyone not listed; null: denied
 
 Audit line: {"ts", "who", "kind", "role", "action", "target", "outcome": "allowed"|"denied", "reason", "source",
-"policy"} (+ "os_user" when $RAYFT_USER names someone else). Targets are scrubbed of URL credentials and query
+"policy"} (+ "os_user" when $RAYFT_USER names someone else, + "submitted_by" inside a job started by `rayft submit`:
+the principal who submitted it, from $RAYFT_SUBMITTED_BY). Targets are scrubbed of URL credentials and query
 strings; API keys and artifact keys are never passed here at all.
 """
 from __future__ import annotations
@@ -36,6 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 ACTIONS = ("train", "tune", "promote", "rollback", "delete", "deploy", "infer")
 Action = Literal["train", "tune", "promote", "rollback", "delete", "deploy", "infer", "*"]
 USER_ENV = "RAYFT_USER"
+# Set by `rayft submit` in the job's environment: who submitted the job. Inside a cluster this is attribution,
+# not enforcement (anyone holding the cluster's token can run any code there).
+SUBMITTED_BY_ENV = "RAYFT_SUBMITTED_BY"
 
 
 class PolicyError(ValueError):
@@ -185,8 +189,10 @@ class AuditLog:
     """Append-only JSON Lines file, opened once; each decision is one write() of one line (O_APPEND keeps lines of
     concurrent processes whole on a local file system). The file is created readable by its owner only."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, submitted_by: Optional[str] = None):
         self.path = path
+        # Who submitted the job this process runs in (`rayft submit`); serving replicas get it from their driver.
+        self.submitted_by = submitted_by or os.environ.get(SUBMITTED_BY_ENV) or None
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -199,6 +205,8 @@ class AuditLog:
                 "reason": decision.reason, "source": source, "policy": decision.policy}
         if decision.kind == "user" and os.environ.get(USER_ENV) and os.environ[USER_ENV] != _os_user():
             line["os_user"] = _os_user()  # who really ran it, when $RAYFT_USER names someone else
+        if self.submitted_by:
+            line["submitted_by"] = self.submitted_by
         data = (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
             os.write(self._fd, data)

@@ -107,7 +107,7 @@ class _Metrics:
 @serve.ingress(api)
 class OpenAIServer:
     def __init__(self, serve_cfg: dict, model_path: str, tracking_uri: Optional[str] = None,
-                 security_cfg: Optional[dict] = None):
+                 security_cfg: Optional[dict] = None, submitted_by: Optional[str] = None):
         from rayft.security.access import AuditLog, load_policy
         from rayft.security.config import SecurityConfig
 
@@ -121,7 +121,8 @@ class OpenAIServer:
         # Resolved by the driver (build_app): the policy and audit paths do not depend on the replica's environment.
         self.security = SecurityConfig.model_validate(security_cfg or {})
         self.policy = load_policy(self.security.policy_file) if self.security.policy_file else None
-        self.audit = AuditLog(self.security.audit_log) if self.security.audit_log else None
+        # `submitted_by`: who submitted the job that deployed this app (rayft submit), recorded in every audit line.
+        self.audit = AuditLog(self.security.audit_log, submitted_by) if self.security.audit_log else None
         set_threads(cfg.torch_threads or max(1, int(cfg.num_cpus_per_replica)))
         self._resolve = lambda uri: resolve(uri, tracking_uri)
         self.name = served_name(cfg, model_path)
@@ -466,7 +467,10 @@ def build_app(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = N
         opts["autoscaling_config"] = a.model_dump()  # our field names are Ray Serve's
     else:
         opts["num_replicas"] = cfg.num_replicas
-    return OpenAIServer.options(**opts).bind(cfg.model_dump(), model_path, tracking_uri, sec.model_dump())
+    from rayft.security.access import SUBMITTED_BY_ENV
+
+    return OpenAIServer.options(**opts).bind(cfg.model_dump(), model_path, tracking_uri, sec.model_dump(),
+                                             os.environ.get(SUBMITTED_BY_ENV) or None)
 
 
 def start(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = None, app_name: str = "rayft",

@@ -47,11 +47,12 @@ def cmd_train(args) -> int:
     """Prepare the data, train on Ray (DeepSpeed + LoRA), track in MLflow, register the adapter."""
     from rayft.train.trainer import check_before_start, run_training
 
-    from ..access import require
+    from ..access import planned_actions, require
     from ..ray_conn import connect
 
     cfg = load_args_config(args)
-    require(cfg, "train", f"run {cfg.name} (model {cfg.model.name_or_path})")
+    for action, target in planned_actions(cfg, "train"):
+        require(cfg, action, target)
     check_before_start(cfg.model, cfg.train)  # config mistakes surface before Ray starts
     print(connect(cfg.ray.address, cfg.ray.num_cpus))
     out = run_training(cfg, resume=args.resume)
@@ -74,17 +75,14 @@ def cmd_tune(args) -> int:
     from rayft.train.trainer import check_before_start
     from rayft.tune.search import run_search
 
-    from ..access import require
-    from ..pipeline import effective_promotion
+    from ..access import planned_actions, require
     from ..ray_conn import connect
 
     cfg = load_args_config(args)
     if cfg.tune is None:
         raise UserError(f"{args.file}: no `tune:` section; add one with a search_space (see examples/quickstart.yaml)")
-    require(cfg, "tune", f"search {cfg.name} (model {cfg.model.name_or_path})")
-    name = cfg.registered_model_name
-    if name and effective_promotion(cfg).policy != "never":  # the search may crown a champion at its end
-        require(cfg, "promote", f"models:/{name}@champion")
+    for action, target in planned_actions(cfg, "tune"):  # promote too when the search may crown a champion
+        require(cfg, action, target)
     check_before_start(cfg.model, cfg.train)  # the search space was checked when the config loaded
     print(connect(cfg.ray.address, cfg.ray.num_cpus))
     out = run_search(cfg, resume=args.resume)
@@ -100,19 +98,14 @@ def cmd_run(args) -> int:
     """The whole pipeline: data -> tune (or train) -> export + merge -> register + promote -> optionally serve."""
     from rayft.train.trainer import check_before_start
 
-    from ..access import require
-    from ..pipeline import effective_promotion, run_pipeline, serve_stage, summary
+    from ..access import planned_actions, require
+    from ..pipeline import run_pipeline, serve_stage, summary
     from ..ray_conn import connect
 
     cfg = load_args_config(args)
     # Every action the pipeline will take is checked (and audited) before any of it starts.
-    what = f"{'search' if cfg.tune is not None else 'run'} {cfg.name} (model {cfg.model.name_or_path})"
-    require(cfg, "tune" if cfg.tune is not None else "train", what)
-    name = cfg.registered_model_name
-    if name and effective_promotion(cfg, args.promote).policy != "never":
-        require(cfg, "promote", f"models:/{name}@champion")
-    if args.serve:
-        require(cfg, "deploy", f"models:/{name}@champion" if name else f"{cfg.name} merged")
+    for action, target in planned_actions(cfg, "run", promote=args.promote, serve=args.serve):
+        require(cfg, action, target)
     check_before_start(cfg.model, cfg.train)
     print(connect(cfg.ray.address, cfg.ray.num_cpus))
     out = run_pipeline(cfg, resume=args.resume, policy=args.promote)
