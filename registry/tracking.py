@@ -27,8 +27,21 @@ def tracking_uri(uri: Optional[str], storage_path: str) -> str:
     return f"sqlite:///{folder}/mlflow.db"
 
 
+def _is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def storage_key(storage_path: str) -> str:
+    """The storage path as recorded on MLflow runs: an absolute folder, or the URI as given."""
+    return storage_path.rstrip("/") if _is_uri(storage_path) else os.path.abspath(storage_path.removeprefix("file://"))
+
+
 def artifact_location(storage_path: str) -> str:
-    return "file://" + os.path.abspath(os.path.join(storage_path.removeprefix("file://"), "mlartifacts"))
+    """Where an embedded store keeps artifacts: `<storage>/mlartifacts`, a folder or the bucket prefix (S3 through
+    boto3, which reads the endpoint from AWS_ENDPOINT_URL)."""
+    if _is_uri(storage_path):
+        return storage_path.rstrip("/") + "/mlartifacts"
+    return "file://" + os.path.join(storage_key(storage_path), "mlartifacts")
 
 
 def client(uri: str):
@@ -49,14 +62,14 @@ def open_run(uri: str, experiment: str, run_name: str, storage_path: str, params
         exp_id = exp.experiment_id
     found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'",
                           max_results=1, order_by=["attributes.start_time DESC"])
-    found = [r for r in found if r.data.tags.get(STORAGE_TAG) == os.path.abspath(storage_path)]
+    found = [r for r in found if r.data.tags.get(STORAGE_TAG) == storage_key(storage_path)]
     if found:
         run_id = found[0].info.run_id
         if found[0].info.status != "RUNNING":
             c.update_run(run_id, status="RUNNING")
         return run_id
     run = c.create_run(exp_id, run_name=run_name,
-                       tags={RUN_TAG: run_name, STORAGE_TAG: os.path.abspath(storage_path), **tags})
+                       tags={RUN_TAG: run_name, STORAGE_TAG: storage_key(storage_path), **tags})
     flat = flatten(params)
     from mlflow.entities import Param
 

@@ -13,6 +13,7 @@ interrupted while saving (or a copy cut short) leaves the previous checkpoint as
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -20,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Callable, Optional
 
+from rayft.data import storage
 from rayft.security.artifacts import file_sha256
 
 STATE_FILE = "state.json"
@@ -139,61 +141,103 @@ def _write_json(path: str, obj) -> None:
 # ---------------------------------------------------------------------------------------- reading
 
 
+def _file_info(path: str) -> Optional[int]:
+    """The size of a file (local or in object storage), or None when it is missing."""
+    import pyarrow.fs as pafs
+
+    fs, p = storage.filesystem(path)
+    info = fs.get_file_info(p)
+    return info.size if info.type == pafs.FileType.File else None
+
+
+def _sha256(path: str) -> str:
+    if not storage.is_uri(path):
+        return file_sha256(storage.local_path(path))
+    h = hashlib.sha256()
+    fs, p = storage.filesystem(path)
+    with fs.open_input_stream(p) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def check_checkpoint(path: str) -> Optional[str]:
-    """None if the checkpoint is complete and intact; otherwise why it is not."""
-    root = Path(path)
-    state_path = root / STATE_FILE
-    if not state_path.is_file():
+    """None if the checkpoint (a folder or an object-store prefix) is complete and intact; otherwise why it is not."""
+    state_path = storage.join(path, STATE_FILE)
+    if _file_info(state_path) is None:
         return f"{STATE_FILE} is missing"
     try:
-        world = int(json.loads(state_path.read_text())["world_size"])
+        world = int(json.loads(storage.read_text(state_path))["world_size"])
     except (ValueError, KeyError) as e:
         return f"{STATE_FILE} is unreadable ({e})"
     for r in range(world):
-        mpath = root / "manifest" / f"rank{r}.json"
-        if not mpath.is_file():
+        mpath = storage.join(path, "manifest", f"rank{r}.json")
+        if _file_info(mpath) is None:
             return f"the manifest of rank {r} is missing (the save was interrupted)"
         try:
-            files = json.loads(mpath.read_text())["files"]
+            files = json.loads(storage.read_text(mpath))["files"]
         except (ValueError, KeyError) as e:
             return f"the manifest of rank {r} is unreadable ({e})"
         for rel, meta in files.items():
-            f = root / rel
-            if not f.is_file():
+            f = storage.join(path, *rel.split("/"))
+            size = _file_info(f)
+            if size is None:
                 return f"{rel} is missing"
-            if f.stat().st_size != meta["size"] or file_sha256(f) != meta["sha256"]:
+            if size != meta["size"] or _sha256(f) != meta["sha256"]:
                 return f"{rel} does not match its manifest (size or checksum)"
     return None
 
 
 def read_state(path: str) -> dict:
-    return json.loads((Path(path) / STATE_FILE).read_text())
+    return json.loads(storage.read_text(storage.join(path, STATE_FILE)))
 
 
-def choose_resume_checkpoint(latest: Optional[str], run_dir: Optional[str], warn: Callable[[str], None]) -> Optional[str]:
-    """The newest intact checkpoint among Ray's latest and the run folder's; a damaged one is skipped with a warning."""
-    found: list[tuple[int, str]] = []
-    if run_dir and os.path.isdir(run_dir):
-        found = sorted(((step_of(d), os.path.join(run_dir, d)) for d in os.listdir(run_dir) if step_of(d) is not None),
-                       reverse=True)
-    candidates = [p for _, p in found]
-    if latest and not any(os.path.realpath(p) == os.path.realpath(latest) for p in candidates):
-        candidates.insert(0, latest)  # remote storage: Ray's copy is the only one we can see
+def checkpoints_of(run_dir: Optional[str]) -> list[tuple[int, str]]:
+    """(step, path) of the checkpoint folders of a run folder or bucket prefix, newest first."""
+    if not run_dir:
+        return []
+    names = storage.list_dir(run_dir)
+    return sorted(((step_of(d), storage.join(run_dir, d)) for d in names if step_of(d) is not None), reverse=True)
+
+
+def choose_resume_checkpoint(latest: Optional[str], run_dir: Optional[str], warn: Callable[[str], None],
+                             scratch: Optional[str] = None) -> Optional[str]:
+    """The newest intact checkpoint among Ray's latest and the run folder's (a local folder or a bucket prefix); a
+    damaged one is skipped with a warning. A checkpoint in object storage is downloaded into `scratch` first and
+    returned as that local copy (its files are checked there)."""
+    candidates = [p for _, p in checkpoints_of(run_dir)]
+    if latest and not any(not storage.is_uri(p) and os.path.realpath(p) == os.path.realpath(latest)
+                          for p in candidates):
+        candidates.insert(0, latest)  # Ray's copy: the only one we can see when the run folder is elsewhere
     for path in candidates:
-        problem = check_checkpoint(path)
+        local = path
+        if storage.is_uri(path):
+            if step_of(os.path.basename(path.rstrip("/"))) is not None and latest and \
+                    step_of(os.path.basename(path.rstrip("/"))) == _step_in(latest):
+                continue  # the same checkpoint as Ray's latest, already tried from its local copy
+            local = storage.download_dir(path, os.path.join(scratch or "/tmp", os.path.basename(path.rstrip("/"))))
+        problem = check_checkpoint(local)
         if problem is None:
-            return path
+            return local
         warn(f"checkpoint {path} is not usable ({problem}); trying the previous one")
     return None
 
 
+def _step_in(path: str) -> Optional[int]:
+    """The step of a checkpoint folder: from its name, else from its state file."""
+    step = step_of(os.path.basename(path.rstrip("/")))
+    if step is not None:
+        return step
+    try:
+        return int(read_state(path).get("global_step"))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def best_and_latest(run_dir: str) -> dict:
     """Intact checkpoints of a run folder: {'latest': path, 'best': path (lowest eval loss) or None}."""
-    found = []
-    for d in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
-        p = os.path.join(run_dir, d)
-        if step_of(d) is not None and check_checkpoint(p) is None:
-            found.append((step_of(d), p, read_state(p).get("eval_loss")))
+    found = [(step, p, read_state(p).get("eval_loss")) for step, p in checkpoints_of(run_dir)
+             if check_checkpoint(p) is None]
     if not found:
         return {"latest": None, "best": None}
     found.sort()

@@ -15,11 +15,14 @@ bf16/fp16: atol 5e-2, rtol 1e-2). A mismatch raises ExportError and leaves no me
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from rayft.data import storage
 from rayft.data.chat import DEFAULT_CHAT_TEMPLATE
 from rayft.models.config import ModelConfig
 from rayft.security.artifacts import finish_export, opened_for_load
@@ -49,23 +52,35 @@ class ExportResult:
 
 
 def find_adapter(run_dir: str, which: str = "best") -> str:
-    """The adapter folder of a run: `best` (lowest eval loss), `latest`, or a checkpoint folder path."""
+    """The adapter folder of a run (a local folder or a bucket prefix): `best` (lowest eval loss), `latest`, or a
+    checkpoint folder path."""
     if which not in ("best", "latest"):
-        if check_checkpoint(which) is not None:
-            raise ExportError(f"checkpoint {which}: {check_checkpoint(which)}")
-        return os.path.join(which, ADAPTER_DIR)
+        problem = check_checkpoint(which)
+        if problem is not None:
+            raise ExportError(f"checkpoint {which}: {problem}")
+        return storage.join(which, ADAPTER_DIR)
     found = best_and_latest(run_dir)
     chosen = found[which] or found["latest"]
-    if chosen is None and which == "best":
-        # Remote storage: the checkpoints are in the bucket and the driver downloaded the best adapter at the end.
-        from .trainer import read_run_file
-
-        downloaded = read_run_file(run_dir).get("adapter") if os.path.isfile(os.path.join(run_dir, "rayft_run.json")) else None
-        if downloaded and os.path.isdir(downloaded):
-            return downloaded
     if chosen is None:
         raise ExportError(f"{run_dir} holds no intact checkpoint; train first (rayft train CONFIG)")
-    return os.path.join(chosen, ADAPTER_DIR)
+    return storage.join(chosen, ADAPTER_DIR)
+
+
+@contextlib.contextmanager
+def _local_folder(out_dir: str):
+    """Where the export is written: `out_dir` itself, or for a bucket prefix a local folder uploaded at the end."""
+    if not storage.is_uri(out_dir):
+        yield out_dir
+        return
+    tmp = tempfile.mkdtemp(prefix="rayft-export-")
+    try:
+        yield tmp
+        for part in ("adapter", "merged"):
+            if os.path.isdir(os.path.join(tmp, part)):
+                storage.delete_dir(storage.join(out_dir, part))
+                storage.upload_dir(os.path.join(tmp, part), storage.join(out_dir, part))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export_run(run_dir: str, out_dir: str, merge: bool = False, which: str = "best",
@@ -78,9 +93,20 @@ def export_run(run_dir: str, out_dir: str, merge: bool = False, which: str = "be
     if security is None:
         security = SecurityConfig.model_validate(run["config"].get("security") or {})
     source = find_adapter(run_dir, which)
+    with _local_folder(out_dir) as local_out:
+        result = _export_into(run, model_cfg, security, source, local_out, merge, register, log)
+    if local_out != out_dir:  # uploaded: report where the export lives
+        result.adapter_dir = storage.join(out_dir, "adapter")
+        result.merged_dir = storage.join(out_dir, "merged") if result.merged_dir else None
+        log(f"export uploaded to {out_dir}")
+    return result
+
+
+def _export_into(run: dict, model_cfg: ModelConfig, security: SecurityConfig, source: str, out_dir: str,
+                 merge: bool, register: Optional[str], log: Callable[[str], None]) -> ExportResult:
     adapter_out = os.path.join(out_dir, "adapter")
     shutil.rmtree(adapter_out, ignore_errors=True)
-    shutil.copytree(source, adapter_out)
+    storage.download_dir(source, adapter_out)
     tokenizer = _load_tokenizer(model_cfg, security)
     # The export carries the chat template the model was trained with, so a server renders chats exactly as
     # training did (the data config's template, else the tokenizer's own, else rayft's default layout).
