@@ -521,20 +521,31 @@ REJECT_FIELDS = ("source", "file", "row", "line", "reason", "detail", "raw")
 
 
 def write_rejects(rejects, path: str) -> int:
-    """Every rejected row as one JSON line (source, file, row, line, reason, detail, raw); returns the count."""
+    """Every rejected row as one JSON line (source, file, row, line, reason, detail, raw) to a local path or an
+    object-store URI; returns the count."""
     import json
     import os
+    import tempfile
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    from . import storage
+
+    remote = storage.is_uri(path)
+    if not remote:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     n = 0
-    tmp = path + ".tmp"
+    tmp = tempfile.mktemp(suffix=".jsonl") if remote else path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rejects.iter_rows():
             rec = {k: row[k] for k in REJECT_FIELDS}
             rec["line"] = None if rec["line"] < 0 else rec["line"]
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             n += 1
-    os.replace(tmp, path)
+    if remote:
+        with open(tmp, "rb") as f:
+            storage.write_bytes(path, f.read())
+        os.unlink(tmp)
+    else:
+        os.replace(tmp, path)
     return n
 
 
