@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 from rayft.train.trainer import TrainingError
 
-from .space import apply_params, to_tune_space, validate_space
+from .space import apply_params, largest_trial, to_tune_space, validate_space
 
 # The driver task of a trial only waits on its TorchTrainer; Tune refuses a zero request.
 DRIVER_CPUS = 0.01
@@ -70,17 +70,24 @@ def trial_resources(train_cfg) -> dict[str, float]:
     return need
 
 
-def check_fits(train_cfg, cluster: dict[str, float], max_concurrent: Optional[int]) -> int:
-    """How many trials can run at once; an error when one trial can never fit the cluster."""
+def check_fits(train_cfg, cluster: dict[str, float], max_concurrent: Optional[int], tune_cfg=None) -> int:
+    """How many trials can run at once; an error when one trial can never fit the cluster. With `tune_cfg`, the
+    trial checked is the largest the search space can produce (num_workers and cpus_per_worker may be searched)."""
+    searched: dict = {}
+    if tune_cfg is not None:
+        train_cfg, searched = largest_trial(train_cfg, tune_cfg)
     need = trial_resources(train_cfg)
     for res, amount in need.items():
         have = float(cluster.get(res, 0.0))
         if amount > have + 1e-9:
+            where = (f" ({' and '.join(f'{k} {v:g}' for k, v in searched.items())}: the largest in "
+                     f"tune.search_space)") if searched else ""
+            fix = ("lower the largest value searched in tune.search_space" if searched
+                   else "lower train.num_workers or train.cpus_per_worker")
             raise SearchError(
                 f"one trial needs {amount:g} {res} (train.num_workers {train_cfg.num_workers} x "
-                f"{'1 GPU' if res == 'GPU' else f'train.cpus_per_worker {train_cfg.cpus_per_worker:g}'}) but the "
-                f"cluster has {have:g}; lower train.num_workers or train.cpus_per_worker, or add nodes (a trial "
-                f"that cannot fit would wait forever)"
+                f"{'1 GPU' if res == 'GPU' else f'train.cpus_per_worker {train_cfg.cpus_per_worker:g}'}){where} but "
+                f"the cluster has {have:g}; {fix}, or add nodes (a trial that cannot fit would wait forever)"
             )
     fit = min(int((float(cluster.get(r, 0.0)) + 1e-9) // a) for r, a in need.items() if a > 0)
     return max(1, min(fit, max_concurrent or fit))
@@ -133,8 +140,8 @@ def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) ->
     search_name = f"{cfg.name}-search"
     search_dir = os.path.join(storage, search_name)
     cluster = ray.cluster_resources()
-    # Check the largest trial the space can produce (num_workers may be searched too).
-    concurrency = check_fits(cfg.train, cluster, tcfg.max_concurrent_trials)
+    # Check the largest trial the space can produce (num_workers and cpus_per_worker may be searched too).
+    concurrency = check_fits(cfg.train, cluster, tcfg.max_concurrent_trials, tcfg)
 
     data = prepare_training_data(cfg, log=log)
     max_steps = tcfg.asha.max_steps or data.plan["total_steps"]

@@ -110,6 +110,38 @@ def to_tune_space(tune_cfg: TuneConfig) -> dict:
     return space
 
 
+# The fields that decide what one trial holds of the cluster (tune/search.py check_fits).
+RESOURCE_FIELDS = ("train.num_workers", "train.cpus_per_worker")
+
+
+def largest_value(domain, space: dict) -> float:
+    """The largest value a domain can give (a `times:` rule: its factor times the largest of the field it names)."""
+    if isinstance(domain, Choice):
+        return max(domain.choice)
+    if isinstance(domain, Grid):
+        return max(domain.grid)
+    if isinstance(domain, Uniform):
+        return max(domain.uniform)
+    if isinstance(domain, LogUniform):
+        return max(domain.loguniform)
+    if isinstance(domain, RandInt):
+        return max(domain.randint)
+    ref = next(d for k, d in space.items() if canonical_key(k) == canonical_key(domain.times))
+    return domain.factor * largest_value(ref, space)
+
+
+def largest_trial(train_cfg: TrainConfig, tune_cfg: TuneConfig) -> tuple[TrainConfig, dict[str, Any]]:
+    """The train section of the most demanding trial the space can produce (the largest searched `num_workers` and
+    `cpus_per_worker`), and those searched values by field."""
+    params: dict[str, Any] = {}
+    for raw_key, domain in tune_cfg.search_space.items():
+        key = canonical_key(raw_key)
+        if key in RESOURCE_FIELDS:
+            value = largest_value(domain, tune_cfg.search_space)
+            params[key] = math.ceil(value) if key == "train.num_workers" else value
+    return (apply_params(train_cfg, params) if params else train_cfg), params
+
+
 def apply_params(train_cfg: TrainConfig, params: dict[str, Any]) -> TrainConfig:
     """A copy of the train section with the trial's values set (validated like a config file)."""
     raw = train_cfg.model_dump(mode="json")

@@ -157,14 +157,20 @@ def test_bad_search_space_is_a_clear_error_before_anything_starts(repo_root, tmp
         assert "started a local Ray" not in out.stdout
 
 
-def test_trial_that_cannot_fit_is_a_clear_error(repo_root, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("workers,space,message", [
+    (3, {"train.learning_rate": {"choice": [1e-3]}}, "one trial needs 3 CPU"),
+    # num_workers searched: the largest value is what must fit (a 3-worker trial would wait forever)
+    (1, {"train.num_workers": {"grid": [1, 3]}}, "one trial needs 3 CPU (train.num_workers 3 x train.cpus_per_worker "
+                                                 "1) (train.num_workers 3: the largest in tune.search_space)"),
+])
+def test_trial_that_cannot_fit_is_a_clear_error(repo_root, tiny_model_dir, tmp_path, workers, space, message):
     cfg = yaml.safe_load((Path(repo_root) / "examples" / "quickstart.yaml").read_text())
     cfg["model"]["name_or_path"] = str(tiny_model_dir)
     cfg["storage_path"] = str(tmp_path)
-    cfg["train"].update({"num_workers": 3, "cpus_per_worker": 1.0})  # the CLI's local Ray has ray.num_cpus = 2
-    cfg["tune"] = {"search_space": {"train.learning_rate": {"choice": [1e-3]}}}
+    cfg["train"].update({"num_workers": workers, "cpus_per_worker": 1.0})  # the CLI's local Ray: ray.num_cpus = 2
+    cfg["tune"] = {"search_space": space}
     path = tmp_path / "big.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = subprocess.run([RAYFT, "tune", str(path)], cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stdout + out.stderr
-    assert "one trial needs 3 CPU" in out.stderr and "the cluster has 2" in out.stderr
+    assert message in out.stderr and "the cluster has 2" in out.stderr, out.stderr
