@@ -86,6 +86,26 @@ class TuneConfig(_Section):
     promotion: PromotionPolicy = Field(default_factory=PromotionPolicy, description="Champion policy.")
 
     @model_validator(mode="after")
+    def _optuna_takes_distributions_only(self):
+        # Ray's OptunaSearch converts each domain to an Optuna distribution: it refuses `sample_from` (what a
+        # `times:` rule becomes) and grid_search, so such a search would fail only after the data is prepared.
+        if self.algorithm != "optuna":
+            return self
+        for k, d in self.search_space.items():
+            if isinstance(d, Times):
+                raise ValueError(
+                    f"search_space.{k}: a `times: {d.times}` rule cannot be searched with algorithm: optuna (Optuna "
+                    f"samples each field from its own distribution); give {k} its own distribution, or use "
+                    f"algorithm: random"
+                )
+            if isinstance(d, Grid):
+                raise ValueError(
+                    f"search_space.{k}: `grid: {d.grid}` cannot be searched with algorithm: optuna (Optuna samples, "
+                    f"it does not enumerate a grid); write `choice: {d.grid}`, or use algorithm: random"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _times_refers_to_searched(self):
         keys = {canonical_key(k) for k in self.search_space}
         for k, d in self.search_space.items():
