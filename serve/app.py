@@ -44,9 +44,24 @@ async def _api_error(_request, exc: APIError):
 
 @api.exception_handler(Exception)
 async def _server_error(_request, exc: Exception):
-    # A bug answers this request with a 500 in OpenAI's shape; the replica keeps serving.
-    log.exception("request failed")
-    return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}").body(), status_code=500)
+    # A bug answers this request with a 500 in OpenAI's shape; the replica keeps serving. The client gets a request
+    # id, never the exception's text (paths, internals); the replica's log has the detail under that id.
+    rid = "req-" + uuid.uuid4().hex[:24]
+    log.error("request %s failed", rid, exc_info=exc)
+    return JSONResponse(APIError(500, f"internal server error (request id {rid}); the server's log has the details "
+                                      f"under that id").body(), status_code=500)
+
+
+def _generation_error(exc: Exception, rid: str, adapter: Optional[str]) -> APIError:
+    """What a client learns of a failed generation: which of its choices failed (the adapter it asked for) and a
+    request id; the exception itself (its paths and internals) goes to the replica's log under that id."""
+    log.error("request %s: generation failed", rid, exc_info=exc)
+    from .adapters import AdapterLoadError
+
+    what = (f"adapter {adapter!r} could not be loaded on this server" if isinstance(exc, AdapterLoadError) and adapter
+            else "generation failed")
+    return APIError(500, f"{what} (request id {rid}); the server's log has the details under that id",
+                    code="generation_failed")
 
 
 @dataclass
@@ -262,7 +277,7 @@ class OpenAIServer:
             return StreamingResponse(self._sse(job, task, rid, req.model, chat, include_usage), headers=headers,
                                      media_type="text/event-stream")
         try:
-            text, n, finish = await self._collect(job)
+            text, n, finish = await self._collect(job, rid)
         finally:
             gen.cancel.set()  # a no-op when done; stops the row when the client went away mid-answer
         usage = {"prompt_tokens": len(gen.prompt_ids), "completion_tokens": n, "total_tokens": len(gen.prompt_ids) + n}
@@ -273,14 +288,14 @@ class OpenAIServer:
                              "created": int(time.time()), "model": req.model, "choices": [choice], "usage": usage},
                             headers=headers)
 
-    async def _collect(self, job: _Job):
+    async def _collect(self, job: _Job, rid: str):
         text, n, finish = "", 0, None
         while True:
             item = await job.queue.get()
             if item is _END:
                 break
             if isinstance(item, Exception):
-                raise APIError(500, f"generation failed: {type(item).__name__}: {item}", code="generation_failed")
+                raise _generation_error(item, rid, job.req.adapter)
             text += item.text
             n = item.completion_tokens
             if item.finish_reason:
@@ -319,7 +334,7 @@ class OpenAIServer:
                 if item is _END:
                     break
                 if isinstance(item, Exception):
-                    err = APIError(500, f"generation failed: {type(item).__name__}: {item}", code="generation_failed")
+                    err = _generation_error(item, rid, job.req.adapter)
                     yield "data: " + json.dumps(err.body()) + "\n\n"
                     break
                 n = item.completion_tokens

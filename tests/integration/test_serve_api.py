@@ -319,13 +319,38 @@ def test_keys_never_appear_in_logs(server):
 
 
 def test_an_adapter_that_cannot_load_is_a_500_naming_it_and_the_replica_lives_on(server):
+    """The client learns which adapter failed and a request id, never the exception's text (the folder's path, the
+    error type); the replica's log has the detail under that id."""
+    import glob
+    import os
+    import re
+
     import openai
+    import ray
 
     c = _client(server, "lora", KEY_1)
+    broken = server["adapters"]["broken"]
+    ids = []
     for _ in range(2):
-        with pytest.raises(openai.InternalServerError, match="adapter 'broken' .* could not be loaded"):
+        with pytest.raises(openai.InternalServerError, match=r"adapter 'broken' could not be loaded on this server "
+                                                             r"\(request id chatcmpl-\w+\)") as e:
             c.chat.completions.create(model="tiny:broken", messages=HELLO, max_tokens=2)
+        assert broken not in str(e.value) and "Error:" not in str(e.value), str(e.value)
+        ids.append(re.search(r"request id (\S+)\)", str(e.value)).group(1))
+    status, _, text = _http(f"{server['url']}/lora/v1/completions", {"model": "tiny:broken", "prompt": "hi",
+                                                                      "max_tokens": 2, "stream": True},
+                            {"Authorization": f"Bearer {KEY_1}"})
+    assert status == 200 and "adapter 'broken' could not be loaded on this server (request id cmpl-" in text, text
+    assert broken not in text, text
     _assert_alive(server)
+    logs = ray._private.worker._global_node.get_logs_dir_path()
+    found = ""
+    for path in glob.glob(os.path.join(logs, "**", "worker-*"), recursive=True):
+        with open(path, "rb") as f:
+            data = f.read().decode("utf-8", "replace")
+        if ids[0] in data:
+            found = data[data.index(ids[0]):]
+    assert broken in found, "the replica's log has no detail under the request id"
     assert c.chat.completions.create(model="tiny:b", messages=HELLO, temperature=0,
                                      max_tokens=30).choices[0].message.content == ANSWER_B
 
