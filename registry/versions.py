@@ -1,6 +1,11 @@
 """MLflow Model Registry: a trained adapter (or merged model) becomes a model version with its lineage.
 
 `register_version` is the one way rayft creates a version; promotion and aliases build on it.
+
+Manifest anchoring: the SHA-256 of the logged folder's `rayft-manifest.json` is recorded in the registry (the
+version's tag `rayft.manifest_sha256`, and the run's tag `rayft.manifest_sha256:<artifact path>` for `runs:/`
+URIs), where writing to the artifact store cannot change it. `manifest_anchor(uri)` gives it back to loaders,
+which refuse a copy whose manifest is missing or different (security/artifacts.py verify_anchor).
 """
 from __future__ import annotations
 
@@ -11,6 +16,49 @@ from .tracking import client
 
 LINEAGE_KEYS = ("base_model", "peft_type", "lora_rank", "dataset_fingerprint", "eval_loss", "duration_s", "git_commit",
                 "kind")
+
+
+MANIFEST_TAG = "rayft.manifest_sha256"
+
+
+def run_anchor_tag(artifact_path: str) -> str:
+    return f"{MANIFEST_TAG}:{artifact_path.strip('/')}"
+
+
+def anchor_artifact(tracking_uri: str, run_id: str, artifact_path: str) -> Optional[str]:
+    """Record the SHA-256 of the manifest of the run's logged folder `artifact_path` as a run tag (read back from
+    the artifact store: what was stored is what is anchored). Returns it; None when the folder has no manifest."""
+    import shutil
+    import tempfile
+
+    from rayft.security.artifacts import MANIFEST, file_sha256
+
+    c = client(tracking_uri)
+    rel = f"{artifact_path.strip('/')}/{MANIFEST}"
+    if not any(f.path == rel for f in c.list_artifacts(run_id, artifact_path.strip("/"))):
+        return None
+    tmp = tempfile.mkdtemp(prefix="rayft-anchor-")
+    try:
+        sha = file_sha256(c.download_artifacts(run_id, rel, tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    c.set_tag(run_id, run_anchor_tag(artifact_path), sha)
+    return sha
+
+
+def manifest_anchor(tracking_uri: Optional[str], uri: str) -> Optional[str]:
+    """The manifest SHA-256 recorded for `models:/NAME/VERSION` (the version's tag) or `runs:/RUN_ID/PATH` (the
+    run's tag for PATH); None for other URIs and for versions registered without a manifest."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if uri.startswith("models:/"):
+        name, _, version = uri[len("models:/"):].strip("/").rpartition("/")
+        return dict(c.get_model_version(name, version).tags or {}).get(MANIFEST_TAG)
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri[len("runs:/"):].strip("/").partition("/")
+        return c.get_run(run_id).data.tags.get(run_anchor_tag(path))
+    return None
 
 
 @dataclass
@@ -39,8 +87,11 @@ def register_version(tracking_uri: str, name: str, run_id: str, artifact_path: s
     except MlflowException:
         c.create_registered_model(name, description="LoRA fine-tunes made by rayft")
     source = c.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + artifact_path.strip("/")
-    mv = c.create_model_version(name, source=source, run_id=run_id, description=description,
-                                tags={k: str(v) for k, v in lineage.items() if v is not None})
+    tags = {k: str(v) for k, v in lineage.items() if v is not None}
+    anchor = anchor_artifact(tracking_uri, run_id, artifact_path)  # every rayft export carries a manifest
+    if anchor:
+        tags[MANIFEST_TAG] = anchor
+    mv = c.create_model_version(name, source=source, run_id=run_id, description=description, tags=tags)
     return RegisteredVersion(name=name, version=str(mv.version), source=source, run_id=run_id)
 
 

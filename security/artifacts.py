@@ -15,8 +15,13 @@ encrypted manifest carries the key's id (an HMAC of a fixed label, not the key) 
 so a wrong key is told apart from a tampered file, and the manifest itself cannot be edited without the key.
 
 Loaders call `opened_for_load(path, security)`: it checks for pickle files, verifies the manifest when there is
-one (base models from the hub have none), and decrypts into a private (0700) temporary folder that is deleted
-when the block ends.
+one, and decrypts into a private (0700) temporary folder that is deleted when the block ends. A local folder
+without a manifest (a base model) loads as unverified, with a warning, unless `security.require_manifest` refuses it.
+
+Deleting the manifest must not turn the check off, so trust is anchored where the artifact store cannot change it:
+a registered version (and the run that logged it) records the SHA-256 of its manifest in the registry
+(registry/versions.py), and loading by `models:/` or `runs:/` checks the downloaded manifest against it with
+`verify_anchor` before the files are checked against the manifest.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import os
 import shutil
 import struct
@@ -50,8 +56,32 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
+log = logging.getLogger("rayft.security")
+
+
 class ArtifactError(RuntimeError):
     """An exported folder that must not be loaded: tampered, truncated, incomplete, wrong key, or pickle weights."""
+
+
+def manifest_sha256(folder: str) -> Optional[str]:
+    """The SHA-256 of the folder's manifest file (what the registry records), or None without one."""
+    path = os.path.join(folder, MANIFEST)
+    return file_sha256(path) if os.path.isfile(path) else None
+
+
+def verify_anchor(folder: str, expected_sha256: str, source: str) -> None:
+    """Refuse `folder` (the local copy of `source`) unless its manifest is the one recorded at registration."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        raise ArtifactError(f"{path}: missing; {source} was registered with a manifest (SHA-256 "
+                            f"{expected_sha256[:16]}...) and the stored copy has none, so its files cannot be checked. "
+                            f"Refusing to load it: the artifact store was changed after registration; restore the "
+                            f"artifact or register a new export")
+    got = file_sha256(path)
+    if not hmac.compare_digest(got, expected_sha256):
+        raise ArtifactError(f"{path}: not the manifest {source} was registered with (SHA-256 {got[:16]}..., the "
+                            f"registry recorded {expected_sha256[:16]}...). Refusing to load it: the artifact store "
+                            f"was changed after registration; restore the artifact or register a new export")
 
 
 # ------------------------------------------------------------------------------------------ manifest
@@ -268,6 +298,12 @@ def opened_for_load(path: str, security: Optional[SecurityConfig] = None) -> Ite
     check_weight_files(path, security.allow_pickle_weights)
     manifest = read_manifest(path)
     if manifest is None:
+        if security.require_manifest:
+            raise ArtifactError(f"{path}: no {MANIFEST}, and security.require_manifest is true; only rayft exports "
+                                f"(which carry a manifest) are loaded. Load an export made by rayft, or set "
+                                f"security.require_manifest: false to load this folder as an unverified base model")
+        log.warning("%s: no %s; loaded as an unverified base model (nothing checks its files). Set "
+                    "security.require_manifest: true to refuse such folders", path, MANIFEST)
         yield path
         return
     if not manifest.get("encryption"):

@@ -52,6 +52,12 @@ class SecurityConfig(BaseModel):
         description="Allow pickle-based weight files (`*.bin`, `*.pt`, `*.pth`, `*.pkl`, `*.ckpt`). Off: only "
         "safetensors are loaded and a folder holding a pickle file is refused, since unpickling can run code.",
     )
+    require_manifest: bool = Field(
+        default=False,
+        description="Refuse to load a local folder without `rayft-manifest.json` (every rayft export has one). Off: "
+        "such a folder loads as an unverified base model, with a warning. Registry and run URIs (`models:/`, "
+        "`runs:/`) of rayft exports are always checked against the manifest hash recorded when they were registered.",
+    )
     policy_file: Optional[str] = Field(
         default=None,
         description="Access policy (YAML: roles -> actions, users and serving tenants -> role), enforced by the CLI "

@@ -3,6 +3,9 @@
     /path/to/folder                 used as is
     models:/NAME@alias, models:/NAME/VERSION   the MLflow registry (tracking URI from the config)
     runs:/..., s3://..., gs://...   downloaded with mlflow's artifact clients
+
+A `models:/` or `runs:/` source registered by rayft has its manifest's SHA-256 in the registry: the local copy
+(downloaded or cached) is refused when its manifest is missing or different (registry/versions.py).
 """
 from __future__ import annotations
 
@@ -33,10 +36,20 @@ def resolve(uri: str, tracking_uri: Optional[str] = None, cache_dir: Optional[st
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
+    from rayft.registry.versions import manifest_anchor
+    from rayft.security.artifacts import verify_anchor
+
     try:
         concrete = _pin_version(uri, tracking_uri)
+        anchor = manifest_anchor(tracking_uri, concrete)
     except Exception as e:  # noqa: BLE001 - mlflow raises many kinds; the message says which URI failed
         raise FileNotFoundError(f"could not fetch {uri!r} (tracking URI {tracking_uri!r}): {e}") from None
+
+    def checked(root: str) -> str:
+        if anchor:
+            verify_anchor(root, anchor, concrete if concrete == uri else f"{uri} ({concrete})")
+        return root
+
     dst = cache_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), "rayft-serve-cache")
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in concrete)[-80:]
     key = hashlib.sha256(f"{mlflow.get_tracking_uri()}\n{concrete}".encode()).hexdigest()[:16]
@@ -44,7 +57,7 @@ def resolve(uri: str, tracking_uri: Optional[str] = None, cache_dir: Optional[st
     # The marker sits beside the folder, not in it: a file added to an exported folder fails its manifest check.
     marker = target + ".complete"
     if os.path.isfile(marker) and os.path.isdir(target):
-        return _model_root(target)
+        return checked(_model_root(target))
     if os.path.isdir(target):  # without its marker: left by an interrupted download or an older layout
         shutil.rmtree(target, ignore_errors=True)
     os.makedirs(dst, exist_ok=True)
@@ -59,7 +72,7 @@ def resolve(uri: str, tracking_uri: Optional[str] = None, cache_dir: Optional[st
     except Exception as e:  # noqa: BLE001
         shutil.rmtree(tmp, ignore_errors=True)
         raise FileNotFoundError(f"could not fetch {uri!r} (tracking URI {tracking_uri!r}): {e}") from None
-    return _model_root(target)
+    return checked(_model_root(target))
 
 
 def _pin_version(uri: str, tracking_uri: Optional[str]) -> str:
