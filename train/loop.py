@@ -1,12 +1,13 @@
 """`train_loop_per_worker`: what each Ray Train worker runs, top to bottom.
 
-build engine -> resume -> loop (forward, backward, step) -> evaluate -> checkpoint + report.
+set up -> resume -> (train step -> evaluate -> save checkpoint + report) until the plan's last step.
 
 The loop is driven by a `plan` the driver computed from the data (steps per epoch, total steps, warmup),
 so every rank takes the same number of steps and a resumed run follows the same schedule and data order.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -14,6 +15,8 @@ import resource
 import shutil
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Optional
 
 SCORE_NOT_EVALUATED = 1e30  # checkpoints without an eval rank below every evaluated one
 
@@ -23,227 +26,362 @@ class WorkerError(RuntimeError):
     it instead of Ray's wrapper with every worker's traceback."""
 
 
+@dataclass
+class Progress:
+    """Where the run stands: exactly what a checkpoint's state.json holds (in this order) and a resume restores."""
+
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    best_eval_loss: Optional[float] = None
+    bad_evals: int = 0
+    eval_loss: Optional[float] = None
+    initial_eval_loss: Optional[float] = None  # of the untrained adapter, so the gain shows in every report
+    stopped_early: bool = False  # a resumed run that had stopped early stays stopped
+
+
+@dataclass
+class WorkerState:
+    """Everything the steps of one worker share; built by `setup`, then passed to each step."""
+
+    train: Any  # TrainConfig
+    plan: dict
+    run_dir: str
+    tracking: Optional[dict]
+    rank: int
+    world: int
+    device: Any
+    engine: Any
+    train_rows: Any  # this worker's ray.data iterator over the (unsplit) training rows
+    eval_rows: Any  # None when the run has no eval split
+    say: Callable[[Any], None]
+    process: Any  # psutil.Process, for the memory metrics
+    progress: Progress = field(default_factory=Progress)
+    start_step: int = 0  # where this attempt started: the ETA and the report count from here
+    last_saved: Optional[str] = None  # the newest checkpoint known to be intact, for error messages
+    attempt_tokens: float = 0.0  # non-pad tokens since this attempt started
+    attempt_time_s: float = 0.0  # step time since this attempt started
+    loop_start_s: float = 0.0
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, summed over every rank."""
+
+    loss_sum: float
+    loss_tokens: float
+    nonpad_tokens: float
+    examples: float
+    time_s: float
+
+
 def train_loop_per_worker(config: dict) -> None:
+    # DeepSpeed picks its accelerator when first imported; a CPU run must say so before anything imports it.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["train"]["use_gpu"] else "cpu")
-    import psutil
-    import ray.train
-    import torch
-    import torch.distributed as dist
-
-    from rayft.data.pack import collate
-    from rayft.models.config import ModelConfig
-    from rayft.registry.tracking import log_metrics
-
-    from .checkpoint import (
-        ENGINE_DIR,
-        ENGINE_TAG,
-        checkpoint_dir_name,
-        choose_resume_checkpoint,
-        read_state,
-        set_rng_state,
-        write_rank_part,
-    )
-    from .config import TrainConfig
-    from .early_stopping import observe_eval
-    from .engine import build_engine
-    from .loss import count_loss_tokens, sum_token_loss
-
-    model_cfg = ModelConfig.model_validate(config["model"])
-    train = TrainConfig.model_validate(config["train"])
-    plan, tracking, run_dir = config["plan"], config.get("tracking"), config["run_dir"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    say = _messenger(config.get("progress"), rank)
-    gas, micro = train.accumulation_steps, train.micro_batch_size
-
-    # ---- build engine
-    device = torch.device("cuda", ctx.get_local_rank()) if train.use_gpu else torch.device("cpu")
-    engine = build_engine(model_cfg, train, plan["warmup_steps"], plan["total_steps"], device,
-                          log=say if rank == 0 else (lambda _: None))
-
-    # ---- resume: Ray hands back the latest reported checkpoint (worker restart or re-run driver);
-    # a damaged one falls back to the previous intact checkpoint in the run folder.
-    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "best_eval_loss": None, "bad_evals": 0,
-             "eval_loss": None, "initial_eval_loss": None, "stopped_early": False}
-    # The run folder is searched too: a worker killed between writing a checkpoint and Ray registering it
-    # must not send the run back to step 0.
-    latest = ray.train.get_checkpoint()
-    with (latest.as_directory() if latest is not None else _nullpath()) as latest_dir:
-        path = choose_resume_checkpoint(latest_dir, run_dir, warn=lambda m: say("warning: " + m))
-        if path is None and config.get("require_resume"):
-            raise WorkerError(f"--resume: no intact checkpoint under {run_dir}")
-        if path is not None:
-            saved = read_state(path)
-            if saved["world_size"] != world:
-                raise WorkerError(
-                    f"{path} was written by {saved['world_size']} workers and this run has {world}; the data order "
-                    f"and DeepSpeed state depend on it. Set train.num_workers: {saved['world_size']} or use a new run name")
-            engine.load_checkpoint(os.path.join(path, ENGINE_DIR), tag=ENGINE_TAG, load_module_strict=False)
-            state.update({k: v for k, v in saved.items() if k in state})
-            with open(os.path.join(path, "rng", f"rank{rank}.json")) as f:
-                set_rng_state(json.load(f))
-            say(f"resumed from {os.path.basename(path)} at step {state['global_step']}")
-    last_saved = [path]  # the newest checkpoint known to be intact, for error messages
-    start_step = state["global_step"]
-
-    train_rows = ray.train.get_dataset_shard("train")
-    eval_rows = ray.train.get_dataset_shard("eval") if plan["has_eval"] else None
-
-    def micro_batches(skip: int):
-        # Every rank reads the same ordered rows and keeps every world-th one: a deterministic shard,
-        # so a resumed run sees exactly the rows it would have seen.
-        for i, rows in enumerate(train_rows.iter_batches(batch_size=micro * world, batch_format="numpy", drop_last=True)):
-            if i >= skip:
-                yield {k: v[rank::world] for k, v in rows.items()}
-
-    def all_sum(*values: float) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=device)  # NCCL on GPUs reduces device tensors only
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def token_loss_sum(rows):
-        batch = {k: v.to(device) for k, v in collate(rows, plan["pad_token_id"], plan["packed"]).items()}
-        labels = batch.pop("labels")
-        # No KV cache: transformers derives the block-diagonal mask of packed rows only when none is built.
-        return sum_token_loss(engine(**batch, use_cache=False).logits, labels)
-
-    def evaluate() -> dict:
-        engine.eval()
-        loss_sum = tokens = 0.0
-        with torch.no_grad():
-            for rows in eval_rows.iter_batches(batch_size=micro * world, batch_format="numpy"):
-                mine = {k: v[rank::world] for k, v in rows.items()}
-                weight = 1.0
-                if len(mine["input_ids"]) == 0:  # ZeRO-3 forwards are collective: every rank must run one
-                    mine, weight = {k: v[:1] for k, v in rows.items()}, 0.0
-                loss_sum += weight * float(token_loss_sum(mine))
-                tokens += weight * sum(count_loss_tokens(labels) for labels in mine["labels"])
-        engine.train()
-        loss_sum, tokens = all_sum(loss_sum, tokens)
-        loss = loss_sum / max(tokens, 1.0)
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
-
-    def save_and_report(metrics: dict, with_checkpoint: bool) -> None:
-        if not with_checkpoint:
-            ray.train.report(metrics)
-            return
-        local = tempfile.mkdtemp(prefix=f"rayft-ckpt-r{rank}-")
-        name = checkpoint_dir_name(state["global_step"])
-        try:
-            try:
-                write_rank_part(engine, local, rank, world, train.deepspeed.zero_stage, dict(state))
-            except OSError as e:
-                raise WorkerError(f"cannot write checkpoint step {state['global_step']} to the local folder "
-                                   f"{local} ({e}); free space in {tempfile.gettempdir()}") from e
-            try:
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
-                                 checkpoint_dir_name=name)
-            except OSError as e:
-                # Ray copies into the destination folder directly; a half-copied folder has no complete set
-                # of manifests, so it is never resumed from. Say where, and what is still safe.
-                previous = f"the last intact one is {last_saved[0]}" if last_saved[0] else "none was saved before"
-                raise WorkerError(
-                    f"cannot write checkpoint step {state['global_step']} to {os.path.join(run_dir, name)} "
-                    f"({type(e).__name__}: {e}). The checkpoints written before it are untouched ({previous}); "
-                    f"make the storage writable (permissions, free space, the folder's name taken by a file) "
-                    f"and run again with --resume") from e
-            last_saved[0] = os.path.join(run_dir, name)
-        finally:
-            shutil.rmtree(local, ignore_errors=True)
-
-    # ---- the loop
-    total, per_epoch = plan["total_steps"], plan["steps_per_epoch"]
-    # Eval loss of the untrained adapter, carried in every report so the gain is visible in the result.
-    initial_eval_loss = state.get("initial_eval_loss")
-    if eval_rows is not None and start_step == 0:
-        initial_eval_loss = evaluate()["eval_loss"]
-    state["initial_eval_loss"] = initial_eval_loss
-    engine.train()
-    proc = psutil.Process()
-    attempt_tokens, attempt_time_s = 0.0, 0.0  # non-pad tokens and step time since this attempt started
-    stop = state["stopped_early"]  # a resumed run that had stopped early stays stopped
-    t_start = time.perf_counter()
-    while state["global_step"] < total and not stop:
-        epoch_done = False
-        batches = micro_batches(skip=state["step_in_epoch"] * gas)
-        while state["step_in_epoch"] < per_epoch and state["global_step"] < total:
-            t0 = time.perf_counter()
-            window = [next(batches) for _ in range(gas)]
-            # Normalise by the unmasked tokens of the whole window on all ranks: every assistant token
-            # weighs the same however the tokens fall into micro batches. DeepSpeed averages gradients
-            # over ranks, hence the factor `world`.
-            local_tokens = sum(count_loss_tokens(lab) for rows in window for lab in rows["labels"])
-            local_nonpad = sum(int(rows["num_tokens"].sum()) for rows in window)
-            local_examples = sum(int(rows["num_examples"].sum()) for rows in window)
-            tokens, nonpad, examples = all_sum(local_tokens, local_nonpad, local_examples)
-            loss_sum = 0.0
-            for rows in window:
-                loss = token_loss_sum(rows)
-                loss_sum += float(loss.detach())
-                engine.backward(loss * world / max(tokens, 1.0), scale_wrt_gas=False)
-                engine.step()
-            (loss_sum,) = all_sum(loss_sum)
-            state["global_step"] += 1
-            state["step_in_epoch"] += 1
-            step = state["global_step"]
-            dt = time.perf_counter() - t0
-            attempt_tokens += nonpad
-            attempt_time_s += dt
-
-            metrics = {}
-            if step % train.logging_every_n_steps == 0 or step == total:
-                grad_norm = engine.get_global_grad_norm()
-                metrics = {
-                    "loss": loss_sum / max(tokens, 1.0), "learning_rate": float(engine.get_lr()[0]),
-                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                    "tokens_per_s": nonpad / dt, "samples_per_s": examples / dt, "step_time_s": dt,
-                    "memory_rss_mb": proc.memory_info().rss / 2**20,
-                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                    "train_tokens": attempt_tokens, "train_time_s": attempt_time_s,
-                }
-                if torch.cuda.is_available() and train.use_gpu:
-                    metrics["gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-            evaluated = eval_rows is not None and (
-                (train.eval_every_n_steps and step % train.eval_every_n_steps == 0) or step == total)
+    state = setup(config)
+    resume(state, required=bool(config.get("require_resume")))
+    if state.eval_rows is not None and state.start_step == 0:  # a resumed run has it from its checkpoint
+        state.progress.initial_eval_loss = evaluate(state)["eval_loss"]
+    state.engine.train()
+    state.loop_start_s = time.perf_counter()  # the ETA counts training steps, not set-up or the first eval
+    per_epoch, gas = state.plan["steps_per_epoch"], state.train.accumulation_steps
+    while not finished(state):
+        batches = micro_batches(state, skip=state.progress.step_in_epoch * gas)
+        while state.progress.step_in_epoch < per_epoch and not finished(state):
+            stats = train_step(state, [next(batches) for _ in range(gas)])
+            metrics = step_metrics(state, stats) if logging_due(state) else {}
+            evaluated = eval_due(state)
             if evaluated:
-                metrics.update(evaluate())
-                state["eval_loss"] = metrics["eval_loss"]
-                state["best_eval_loss"], state["bad_evals"], stop = observe_eval(
-                    state["best_eval_loss"], state["bad_evals"], metrics["eval_loss"],
-                    train.early_stopping.patience, train.early_stopping.threshold)
-                state["stopped_early"] = stop
-                if stop:
-                    say(f"early stopping at step {step}: eval loss has not improved for "
-                        f"{train.early_stopping.patience} evaluations")
-            epoch_done = state["step_in_epoch"] == per_epoch
-            if epoch_done:  # the checkpoint below must say: next step starts a new epoch
-                state["epoch"] += 1
-                state["step_in_epoch"] = 0
-            checkpoint = evaluated or step % train.save_every_n_steps == 0 or step == total or stop
-            if metrics or checkpoint:
-                metrics.update({"global_step": step, "epoch": state["epoch"], "start_step": start_step,
-                                "total_steps": total, "initial_eval_loss": initial_eval_loss,
-                                "checkpoint_score": metrics.get("eval_loss", SCORE_NOT_EVALUATED) if checkpoint
-                                else SCORE_NOT_EVALUATED})
-                if rank == 0:
-                    if tracking:
-                        log_metrics(tracking["uri"], tracking["run_id"], {
-                            k: v for k, v in metrics.items()
-                            if k not in ("checkpoint_score", "total_steps") and v is not None}, step)
-                    say({"step": step, "total": total, "loss": metrics.get("loss"),
-                         "tokens_per_s": metrics.get("tokens_per_s"), "eval_loss": metrics.get("eval_loss"),
-                         "elapsed_s": time.perf_counter() - t_start, "start_step": start_step})
-                save_and_report(metrics, with_checkpoint=checkpoint)
-            if stop or epoch_done:
+                metrics.update(evaluate(state))
+                observe_eval_loss(state, metrics["eval_loss"])
+            epoch_done = advance_position(state)
+            with_checkpoint = evaluated or checkpoint_due(state)
+            if metrics or with_checkpoint:
+                report(state, metrics, with_checkpoint)
+            if epoch_done:  # the next epoch reads its rows from the start
                 break
 
 
-class _nullpath:
-    def __enter__(self):
-        return None
+# ------------------------------------------------------------------------------------------ set up
 
-    def __exit__(self, *exc):
+
+def setup(config: dict) -> WorkerState:
+    """Configs, this worker's place in the group, the DeepSpeed engine and the data shards."""
+    import psutil
+    import ray.train
+    import torch
+
+    from rayft.models.config import ModelConfig
+
+    from .config import TrainConfig
+    from .engine import build_engine
+
+    model_cfg = ModelConfig.model_validate(config["model"])
+    train = TrainConfig.model_validate(config["train"])
+    plan = config["plan"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    say = _messenger(config.get("progress"), rank)
+    device = torch.device("cuda", ctx.get_local_rank()) if train.use_gpu else torch.device("cpu")
+    engine = build_engine(model_cfg, train, plan["warmup_steps"], plan["total_steps"], device,
+                          log=say if rank == 0 else (lambda _: None))
+    return WorkerState(
+        train=train, plan=plan, run_dir=config["run_dir"], tracking=config.get("tracking"), rank=rank, world=world,
+        device=device, engine=engine, train_rows=ray.train.get_dataset_shard("train"),
+        eval_rows=ray.train.get_dataset_shard("eval") if plan["has_eval"] else None, say=say,
+        process=psutil.Process())
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+def resume(state: WorkerState, required: bool) -> None:
+    """Continue from the newest intact checkpoint, if there is one: engine, progress and this rank's RNG.
+
+    Ray hands back the latest reported checkpoint (worker restart or re-run driver). The run folder is searched
+    too: a worker killed between writing a checkpoint and Ray registering it must not send the run back to
+    step 0, and a damaged checkpoint falls back to the previous intact one.
+    """
+    import ray.train
+
+    from .checkpoint import ENGINE_DIR, ENGINE_TAG, choose_resume_checkpoint, read_state, set_rng_state
+
+    latest = ray.train.get_checkpoint()
+    # Ray's checkpoint may be a temporary download (remote storage): load everything before it goes away.
+    with (latest.as_directory() if latest is not None else contextlib.nullcontext()) as latest_dir:
+        path = choose_resume_checkpoint(latest_dir, state.run_dir, warn=lambda m: state.say("warning: " + m))
+        if path is None and required:
+            raise WorkerError(f"--resume: no intact checkpoint under {state.run_dir}")
+        if path is not None:
+            saved = read_state(path)
+            if saved["world_size"] != state.world:
+                raise WorkerError(
+                    f"{path} was written by {saved['world_size']} workers and this run has {state.world}; the data "
+                    f"order and DeepSpeed state depend on it. Set train.num_workers: {saved['world_size']} or use a "
+                    f"new run name")
+            state.engine.load_checkpoint(os.path.join(path, ENGINE_DIR), tag=ENGINE_TAG, load_module_strict=False)
+            for name in (f.name for f in fields(Progress) if f.name in saved):
+                setattr(state.progress, name, saved[name])
+            with open(os.path.join(path, "rng", f"rank{state.rank}.json")) as f:
+                set_rng_state(json.load(f))
+            state.say(f"resumed from {os.path.basename(path)} at step {state.progress.global_step}")
+    state.last_saved = path
+    state.start_step = state.progress.global_step
+
+
+# -------------------------------------------------------------------------------------- train step
+
+
+def finished(state: WorkerState) -> bool:
+    return state.progress.global_step >= state.plan["total_steps"] or state.progress.stopped_early
+
+
+def micro_batches(state: WorkerState, skip: int):
+    """This rank's micro batches of one epoch, from the `skip`-th on.
+
+    Every rank reads the same ordered rows and keeps every world-th one: a deterministic shard, so a resumed
+    run sees exactly the rows it would have seen.
+    """
+    rank, world = state.rank, state.world
+    rows_per_read = state.train.micro_batch_size * world
+    for i, rows in enumerate(state.train_rows.iter_batches(batch_size=rows_per_read, batch_format="numpy",
+                                                           drop_last=True)):
+        if i >= skip:
+            yield {k: v[rank::world] for k, v in rows.items()}
+
+
+def train_step(state: WorkerState, window: list) -> StepResult:
+    """One optimizer step over a window of `accumulation_steps` micro batches."""
+    from .loss import count_loss_tokens
+
+    t0 = time.perf_counter()
+    # Normalise by the unmasked tokens of the whole window on all ranks: every assistant token weighs the same
+    # however the tokens fall into micro batches. DeepSpeed averages gradients over ranks, hence the factor `world`.
+    local_tokens = sum(count_loss_tokens(lab) for rows in window for lab in rows["labels"])
+    local_nonpad = sum(int(rows["num_tokens"].sum()) for rows in window)
+    local_examples = sum(int(rows["num_examples"].sum()) for rows in window)
+    tokens, nonpad, examples = all_sum(state, local_tokens, local_nonpad, local_examples)
+    loss_sum = 0.0
+    for rows in window:
+        loss = token_loss_sum(state, rows)
+        loss_sum += float(loss.detach())
+        state.engine.backward(loss * state.world / max(tokens, 1.0), scale_wrt_gas=False)
+        state.engine.step()
+    (loss_sum,) = all_sum(state, loss_sum)
+    state.progress.global_step += 1
+    state.progress.step_in_epoch += 1
+    dt = time.perf_counter() - t0
+    state.attempt_tokens += nonpad
+    state.attempt_time_s += dt
+    return StepResult(loss_sum, tokens, nonpad, examples, dt)
+
+
+def token_loss_sum(state: WorkerState, rows: dict):
+    from rayft.data.pack import collate
+
+    from .loss import sum_token_loss
+
+    batch = {k: v.to(state.device)
+             for k, v in collate(rows, state.plan["pad_token_id"], state.plan["packed"]).items()}
+    labels = batch.pop("labels")
+    # No KV cache: transformers derives the block-diagonal mask of packed rows only when none is built.
+    return sum_token_loss(state.engine(**batch, use_cache=False).logits, labels)
+
+
+def all_sum(state: WorkerState, *values: float) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=state.device)  # NCCL on GPUs reduces device tensors only
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def logging_due(state: WorkerState) -> bool:
+    step = state.progress.global_step
+    return step % state.train.logging_every_n_steps == 0 or step == state.plan["total_steps"]
+
+
+def step_metrics(state: WorkerState, step: StepResult) -> dict:
+    import torch
+
+    grad_norm = state.engine.get_global_grad_norm()
+    metrics = {
+        "loss": step.loss_sum / max(step.loss_tokens, 1.0), "learning_rate": float(state.engine.get_lr()[0]),
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "tokens_per_s": step.nonpad_tokens / step.time_s, "samples_per_s": step.examples / step.time_s,
+        "step_time_s": step.time_s,
+        "memory_rss_mb": state.process.memory_info().rss / 2**20,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "train_tokens": state.attempt_tokens, "train_time_s": state.attempt_time_s,
+    }
+    if torch.cuda.is_available() and state.train.use_gpu:
+        metrics["gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return metrics
+
+
+def advance_position(state: WorkerState) -> bool:
+    """After a step: True when it ended the epoch. The checkpoint written next must then say that the next
+    step starts a new epoch."""
+    p = state.progress
+    if p.step_in_epoch != state.plan["steps_per_epoch"]:
         return False
+    p.epoch += 1
+    p.step_in_epoch = 0
+    return True
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+
+
+def eval_due(state: WorkerState) -> bool:
+    step, every = state.progress.global_step, state.train.eval_every_n_steps
+    return state.eval_rows is not None and bool((every and step % every == 0) or step == state.plan["total_steps"])
+
+
+def evaluate(state: WorkerState) -> dict:
+    """Eval loss over the whole eval split, per unmasked token of all ranks."""
+    import torch
+
+    from .loss import count_loss_tokens
+
+    rank, world = state.rank, state.world
+    state.engine.eval()
+    loss_sum = tokens = 0.0
+    with torch.no_grad():
+        for rows in state.eval_rows.iter_batches(batch_size=state.train.micro_batch_size * world,
+                                                 batch_format="numpy"):
+            mine = {k: v[rank::world] for k, v in rows.items()}
+            weight = 1.0
+            if len(mine["input_ids"]) == 0:  # ZeRO-3 forwards are collective: every rank must run one
+                mine, weight = {k: v[:1] for k, v in rows.items()}, 0.0
+            loss_sum += weight * float(token_loss_sum(state, mine))
+            tokens += weight * sum(count_loss_tokens(labels) for labels in mine["labels"])
+    state.engine.train()
+    loss_sum, tokens = all_sum(state, loss_sum, tokens)
+    loss = loss_sum / max(tokens, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+
+
+def observe_eval_loss(state: WorkerState, eval_loss: float) -> None:
+    """Best loss and early stopping after an evaluation."""
+    from .early_stopping import observe_eval
+
+    p, stopping = state.progress, state.train.early_stopping
+    p.eval_loss = eval_loss
+    p.best_eval_loss, p.bad_evals, p.stopped_early = observe_eval(
+        p.best_eval_loss, p.bad_evals, eval_loss, stopping.patience, stopping.threshold)
+    if p.stopped_early:
+        state.say(f"early stopping at step {p.global_step}: eval loss has not improved for "
+                  f"{stopping.patience} evaluations")
+
+
+# ------------------------------------------------------------------------------------ save + report
+
+
+def checkpoint_due(state: WorkerState) -> bool:
+    step = state.progress.global_step
+    return (step % state.train.save_every_n_steps == 0 or step == state.plan["total_steps"]
+            or state.progress.stopped_early)
+
+
+def report(state: WorkerState, metrics: dict, with_checkpoint: bool) -> None:
+    """The step's metrics to MLflow and the driver's terminal (rank 0), then to Ray Train with or without a
+    checkpoint."""
+    from rayft.registry.tracking import log_metrics
+
+    p, total = state.progress, state.plan["total_steps"]
+    metrics.update({"global_step": p.global_step, "epoch": p.epoch, "start_step": state.start_step,
+                    "total_steps": total, "initial_eval_loss": p.initial_eval_loss,
+                    "checkpoint_score": metrics.get("eval_loss", SCORE_NOT_EVALUATED) if with_checkpoint
+                    else SCORE_NOT_EVALUATED})
+    if state.rank == 0:
+        if state.tracking:
+            log_metrics(state.tracking["uri"], state.tracking["run_id"], {
+                k: v for k, v in metrics.items() if k not in ("checkpoint_score", "total_steps") and v is not None},
+                p.global_step)
+        state.say({"step": p.global_step, "total": total, "loss": metrics.get("loss"),
+                   "tokens_per_s": metrics.get("tokens_per_s"), "eval_loss": metrics.get("eval_loss"),
+                   "elapsed_s": time.perf_counter() - state.loop_start_s, "start_step": state.start_step})
+    if with_checkpoint:
+        save_checkpoint(state, metrics)
+    else:
+        import ray.train
+
+        ray.train.report(metrics)
+
+
+def save_checkpoint(state: WorkerState, metrics: dict) -> None:
+    """Write this rank's part of the checkpoint to a local folder and report it; Ray merges every rank's part
+    into `<run_dir>/checkpoint_step<N>`."""
+    import ray.train
+
+    from .checkpoint import checkpoint_dir_name, write_rank_part
+
+    step = state.progress.global_step
+    local = tempfile.mkdtemp(prefix=f"rayft-ckpt-r{state.rank}-")
+    name = checkpoint_dir_name(step)
+    try:
+        try:
+            write_rank_part(state.engine, local, state.rank, state.world, state.train.deepspeed.zero_stage,
+                            asdict(state.progress))
+        except OSError as e:
+            raise WorkerError(f"cannot write checkpoint step {step} to the local folder "
+                              f"{local} ({e}); free space in {tempfile.gettempdir()}") from e
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name)
+        except OSError as e:
+            # Ray copies into the destination folder directly; a half-copied folder has no complete set
+            # of manifests, so it is never resumed from. Say where, and what is still safe.
+            previous = f"the last intact one is {state.last_saved}" if state.last_saved else "none was saved before"
+            raise WorkerError(
+                f"cannot write checkpoint step {step} to {os.path.join(state.run_dir, name)} "
+                f"({type(e).__name__}: {e}). The checkpoints written before it are untouched ({previous}); "
+                f"make the storage writable (permissions, free space, the folder's name taken by a file) "
+                f"and run again with --resume") from e
+        state.last_saved = os.path.join(state.run_dir, name)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def _messenger(queue, rank: int):

@@ -149,7 +149,7 @@ def prepare_training_data(cfg, log: Callable[[str], None] = print) -> TrainingDa
 
 def run_training(cfg, resume: bool = False, log: Callable[[str], None] = print) -> TrainOutcome:
     """Train one config end to end. `cfg` is the composed RayftConfig (cluster/config.py)."""
-    storage = os.path.abspath(cfg.storage_path) if "://" not in cfg.storage_path else cfg.storage_path
+    storage = cfg.storage_root
     run_dir = os.path.join(storage, cfg.name)
     existing = best_and_latest(run_dir)["latest"] if os.path.isdir(run_dir) else None
     if resume and existing is None and "://" not in storage:  # remote: the workers check (require_resume)
@@ -159,82 +159,126 @@ def run_training(cfg, resume: bool = False, log: Callable[[str], None] = print) 
     return fit(cfg, prepare_training_data(cfg, log=log), resume=resume, log=log)
 
 
+@dataclass
+class FitRun:
+    """What the steps of `fit` share: where the run lives, what it trains on, and its MLflow run."""
+
+    name: str
+    storage: str  # an absolute folder or a URI (s3://, gs://)
+    run_dir: str  # <storage>/<name>: Ray Train's checkpoints
+    # The driver's own files (data report, run file, final adapter) need a local folder; with remote storage
+    # they go to ./runs/<name> and the checkpoints stay in the bucket.
+    local_dir: str
+    config: dict  # the resolved config, as the run file and MLflow record it
+    fingerprint: str
+    plan: dict = field(default_factory=dict)
+    tracking_uri: Optional[str] = None
+    mlflow_run_id: Optional[str] = None
+
+    @property
+    def remote(self) -> bool:
+        return "://" in self.storage
+
+
 def fit(cfg, data: TrainingData, *, resume: bool = False, log: Callable[[str], None] = print,
         run_name: Optional[str] = None, storage: Optional[str] = None, callbacks: tuple = (),
         mlflow_parent: Optional[dict] = None, register: bool = True, mlflow_run_name: Optional[str] = None,
         extra_params: Optional[dict] = None) -> TrainOutcome:
     """One TorchTrainer run over prepared data. A search calls this once per trial with its own
-    `run_name`, `storage`, Tune's report callback and the search's MLflow run as parent."""
-    import ray
+    `run_name`, `storage`, Tune's report callback and the search's MLflow run as parent (`mlflow_parent`,
+    `mlflow_run_name`, the trial's values as `extra_params`); `rayft run` registers on its own (`register`)."""
+    t_start = time.time()
+    run = resolve_run(cfg, data, run_name, storage)
+    report_path = write_data_files(run, data, log)
+    run.plan = plan_for(cfg.train, data)
+    log(describe_plan(run, cfg.train))
+    open_tracking(run, cfg, report_path, log, parent=mlflow_parent, mlflow_run_name=mlflow_run_name,
+                  extra_params=extra_params)
+    _write_run_file(run.local_dir, _run_record(run, "running"))
+    result = run_trainer(run, cfg, data, resume=resume, callbacks=callbacks, log=log)
+    checkpoint, adapter_dir = collect_adapter(run, result)
+    metrics = dict(result.metrics or {})
+    registered = finish_tracking(run, cfg, adapter_dir, metrics, time.time() - t_start, register=register, log=log)
+    _write_run_file(run.local_dir, _run_record(run, "finished", adapter=adapter_dir, checkpoint=checkpoint,
+                                               metrics=_jsonable(metrics)))
+    return TrainOutcome(run.local_dir, metrics, checkpoint, adapter_dir, run.mlflow_run_id, run.tracking_uri,
+                        registered, run.plan)
+
+
+def resolve_run(cfg, data: TrainingData, run_name: Optional[str], storage: Optional[str]) -> FitRun:
+    name = run_name or cfg.name
+    storage = storage or cfg.storage_root
+    run_dir = os.path.join(storage, name)
+    local_dir = os.path.abspath(os.path.join("runs", name)) if "://" in storage else run_dir
+    return FitRun(name, storage, run_dir, local_dir, cfg.model_dump(mode="json", by_alias=True), data.fingerprint)
+
+
+def write_data_files(run: FitRun, data: TrainingData, log: Callable[[str], None]) -> str:
+    """The data report and every rejected row (with its source, line and reason); returns the report's path."""
+    os.makedirs(run.local_dir, exist_ok=True)
+    report_path = os.path.join(run.local_dir, "data_report.json")
+    with open(report_path, "w", encoding="utf-8") as f:
+        json.dump(data.report, f, indent=2)
+    if data.rejects is not None:
+        from rayft.data.pipeline import write_rejects
+
+        n_rejects = write_rejects(data.rejects, os.path.join(run.local_dir, "rejects.jsonl"))
+        log(f"data: {n_rejects} rejected row(s) in {os.path.join(run.local_dir, 'rejects.jsonl')}, "
+            f"report in {report_path}")
+    return report_path
+
+
+def describe_plan(run: FitRun, train: TrainConfig) -> str:
+    plan = run.plan
+    return (f"plan: {plan['total_steps']} optimizer steps ({plan['steps_per_epoch']} per epoch of {plan['train_rows']} "
+            f"rows, {plan['rows_per_step']} rows per step, warmup {plan['warmup_steps']}) on {train.num_workers} "
+            f"worker(s), ZeRO-{train.deepspeed.zero_stage}; dataset fingerprint {run.fingerprint}")
+
+
+def open_tracking(run: FitRun, cfg, report_path: str, log: Callable[[str], None], *, parent: Optional[dict],
+                  mlflow_run_name: Optional[str], extra_params: Optional[dict]) -> None:
+    """Open the run's MLflow run (nested under `parent`'s, a search's, when given) and attach the data report."""
+    if not cfg.tracking.enabled:
+        return
+    from rayft.registry.tracking import git_commit, open_run, tracking_uri
+
+    uri = parent["uri"] if parent else tracking_uri(cfg.tracking.tracking_uri, run.storage)
+    tags = {"git_commit": git_commit(os.getcwd()), "dataset_fingerprint": run.fingerprint,
+            "base_model": cfg.model.name_or_path}
+    if parent:
+        tags["mlflow.parentRunId"] = parent["run_id"]
+    params = dict(run.config, trial=extra_params) if extra_params else run.config
+    run_id = open_run(uri, cfg.tracking.experiment, mlflow_run_name or run.name, run.storage, params,
+                      {k: v for k, v in tags.items() if v})
+    _mlflow_client(uri).log_artifact(run_id, report_path)
+    run.tracking_uri, run.mlflow_run_id = uri, run_id
+    log(f"MLflow run {run_id} at {uri}")
+
+
+def build_trainer(run: FitRun, cfg, data: TrainingData, *, resume: bool, callbacks: tuple, progress):
+    """The TorchTrainer whose workers run `train_loop_per_worker` over the prepared data."""
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.util.queue import Queue
-
-    from rayft.registry.tracking import git_commit, open_run, tracking_uri
 
     from .loop import train_loop_per_worker
 
-    t_start = time.time()
-    train, model, tracking_cfg = cfg.train, cfg.model, cfg.tracking
-    name = run_name or cfg.name
-    storage = storage or (os.path.abspath(cfg.storage_path) if "://" not in cfg.storage_path else cfg.storage_path)
-    run_dir = os.path.join(storage, name)
-    remote = "://" in storage
-    # The driver's own files (data report, run file, final adapter) need a local folder; with remote storage
-    # they go to ./runs/<name> and the checkpoints stay in the bucket.
-    local_dir = os.path.abspath(os.path.join("runs", name)) if remote else run_dir
-    os.makedirs(local_dir, exist_ok=True)
-    report_path = os.path.join(local_dir, "data_report.json")
-    with open(report_path, "w", encoding="utf-8") as f:
-        json.dump(data.report, f, indent=2)
-    if data.rejects is not None:  # every rejected row, with its source, line and reason
-        from rayft.data.pipeline import write_rejects
-
-        n_rejects = write_rejects(data.rejects, os.path.join(local_dir, "rejects.jsonl"))
-        log(f"data: {n_rejects} rejected row(s) in {os.path.join(local_dir, 'rejects.jsonl')}, "
-            f"report in {report_path}")
-    plan = plan_for(train, data)
-    fingerprint = data.fingerprint
-    train_ds = data.train
-    log(f"plan: {plan['total_steps']} optimizer steps ({plan['steps_per_epoch']} per epoch of {plan['train_rows']} rows, "
-        f"{plan['rows_per_step']} rows per step, warmup {plan['warmup_steps']}) on {train.num_workers} worker(s), "
-        f"ZeRO-{train.deepspeed.zero_stage}; dataset fingerprint {fingerprint}")
-
-    resolved = cfg.model_dump(mode="json", by_alias=True)
-    uri = run_id = None
-    if tracking_cfg.enabled:
-        uri = mlflow_parent["uri"] if mlflow_parent else tracking_uri(tracking_cfg.tracking_uri, storage)
-        tags = {"git_commit": git_commit(os.getcwd()), "dataset_fingerprint": fingerprint,
-                "base_model": model.name_or_path}
-        if mlflow_parent:
-            tags["mlflow.parentRunId"] = mlflow_parent["run_id"]  # a nested run under the search's run
-        params = dict(resolved, trial=extra_params) if extra_params else resolved
-        run_id = open_run(uri, tracking_cfg.experiment, mlflow_run_name or name, storage, params,
-                          {k: v for k, v in tags.items() if v})
-        _mlflow_client(uri).log_artifact(run_id, report_path)
-        log(f"MLflow run {run_id} at {uri}")
-    _write_run_file(local_dir, {"name": name, "config": resolved, "mlflow_run_id": run_id, "tracking_uri": uri,
-                                "dataset_fingerprint": fingerprint, "plan": plan, "status": "running"})
-
-    progress = Queue(maxsize=1000, actor_options={"num_cpus": 0})
-    printer = ProgressPrinter(progress, log)
-    printer.start()
-    datasets = {"train": train_ds}
+    train = cfg.train
+    datasets = {"train": data.train}
     if data.eval is not None:
         datasets["eval"] = data.eval
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "model": model.model_dump(mode="json"), "train": train.model_dump(mode="json"), "plan": plan,
-            "tracking": {"uri": uri, "run_id": run_id} if run_id else None, "run_dir": run_dir,
-            "progress": progress, "require_resume": resume,
+            "model": cfg.model.model_dump(mode="json"), "train": train.model_dump(mode="json"), "plan": run.plan,
+            "tracking": {"uri": run.tracking_uri, "run_id": run.mlflow_run_id} if run.mlflow_run_id else None,
+            "run_dir": run.run_dir, "progress": progress, "require_resume": resume,
         },
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker,
                                                            **({"GPU": 1} if train.use_gpu else {})}),
         run_config=RunConfig(
-            name=name, storage_path=storage, callbacks=list(callbacks),
+            name=run.name, storage_path=run.storage, callbacks=list(callbacks),
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_best_checkpoints,
                                                checkpoint_score_attribute="checkpoint_score",
                                                checkpoint_score_order="min"),
@@ -245,10 +289,23 @@ def fit(cfg, data: TrainingData, *, resume: bool = False, log: Callable[[str], N
         # (see loop.py), which makes the data order exactly reproducible on resume.
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
+
+
+def run_trainer(run: FitRun, cfg, data: TrainingData, *, resume: bool, callbacks: tuple,
+                log: Callable[[str], None]):
+    """Train, printing the workers' progress as it comes (their own output is not forwarded); a failure ends
+    the MLflow run as FAILED and is raised as a TrainingError with the worker's own message."""
+    import ray
+    from ray.util.queue import Queue
+
+    progress = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+    printer = ProgressPrinter(progress, log)
+    printer.start()
+    trainer = build_trainer(run, cfg, data, resume=resume, callbacks=callbacks, progress=progress)
     try:
         result = trainer.fit()
     except Exception as e:
-        _finish_mlflow(uri, run_id, "FAILED")
+        _finish_mlflow(run.tracking_uri, run.mlflow_run_id, "FAILED")
         raise TrainingError(f"training failed: {_failure_message(e)}") from e
     finally:
         printer.stop()
@@ -257,12 +314,17 @@ def fit(cfg, data: TrainingData, *, resume: bool = False, log: Callable[[str], N
         except Exception:
             pass
     if result.error:
-        _finish_mlflow(uri, run_id, "FAILED")
+        _finish_mlflow(run.tracking_uri, run.mlflow_run_id, "FAILED")
         raise TrainingError(f"training failed: {_failure_message(result.error)}")
+    return result
 
-    adapter_dir = os.path.join(local_dir, "adapter")
+
+def collect_adapter(run: FitRun, result) -> tuple[Optional[str], Optional[str]]:
+    """(best checkpoint, its adapter copied to <local_dir>/adapter); the best has the lowest eval loss, else it
+    is the latest. Both None when the run saved no checkpoint."""
+    adapter_dir = os.path.join(run.local_dir, "adapter")
     shutil.rmtree(adapter_dir, ignore_errors=True)
-    if remote:  # Ray's own bookkeeping of the best checkpoint (by checkpoint_score), downloaded
+    if run.remote:  # Ray's own bookkeeping of the best checkpoint (by checkpoint_score), downloaded
         best = min(result.best_checkpoints, key=lambda cm: cm[1].get("checkpoint_score", 1e30))[0] \
             if result.best_checkpoints else result.checkpoint
         chosen = best.path if best else None
@@ -270,33 +332,43 @@ def fit(cfg, data: TrainingData, *, resume: bool = False, log: Callable[[str], N
             with best.as_directory() as d:
                 shutil.copytree(os.path.join(d, ADAPTER_DIR), adapter_dir)
     else:
-        found = best_and_latest(run_dir)
+        found = best_and_latest(run.run_dir)
         chosen = found["best"] or found["latest"]
         if chosen:
             shutil.copytree(os.path.join(chosen, ADAPTER_DIR), adapter_dir)
-    if chosen is None:
-        adapter_dir = None
-    metrics = dict(result.metrics or {})
-    duration = time.time() - t_start
-    registered = None
-    if run_id and adapter_dir:
-        c = _mlflow_client(uri)
-        c.log_artifacts(run_id, adapter_dir, artifact_path="adapter")
-        c.log_metric(run_id, "duration_s", duration)
-        model_name = cfg.name if tracking_cfg.register_model is None else tracking_cfg.register_model
-        if model_name and register:
-            from rayft.registry.versions import register_version
+    return chosen, (adapter_dir if chosen is not None else None)
 
-            registered = register_version(uri, model_name, run_id, "adapter", lineage={
-                "kind": "adapter", "base_model": model.name_or_path, "peft_type": "LORA", "lora_rank": train.lora.rank,
-                "dataset_fingerprint": fingerprint, "eval_loss": metrics.get("eval_loss"),
-                "duration_s": round(duration, 1), "git_commit": git_commit(os.getcwd())})
-            log(f"registered {registered.name} version {registered.version}")
-        _finish_mlflow(uri, run_id, "FINISHED")
-    _write_run_file(local_dir, {"name": name, "config": resolved, "mlflow_run_id": run_id, "tracking_uri": uri,
-                                "dataset_fingerprint": fingerprint, "plan": plan, "status": "finished",
-                                "adapter": adapter_dir, "checkpoint": chosen, "metrics": _jsonable(metrics)})
-    return TrainOutcome(local_dir, metrics, chosen, adapter_dir, run_id, uri, registered, plan)
+
+def finish_tracking(run: FitRun, cfg, adapter_dir: Optional[str], metrics: dict, duration_s: float, *,
+                    register: bool, log: Callable[[str], None]):
+    """Attach the adapter and the duration to the MLflow run, register a version (unless `register` is off or
+    the config turns registration off), end the run. Returns the registered version or None."""
+    if not (run.mlflow_run_id and adapter_dir):
+        return None
+    uri, run_id = run.tracking_uri, run.mlflow_run_id
+    c = _mlflow_client(uri)
+    c.log_artifacts(run_id, adapter_dir, artifact_path="adapter")
+    c.log_metric(run_id, "duration_s", duration_s)
+    registered = None
+    model_name = cfg.name if cfg.tracking.register_model is None else cfg.tracking.register_model
+    if model_name and register:
+        from rayft.registry.tracking import git_commit
+        from rayft.registry.versions import register_version
+
+        registered = register_version(uri, model_name, run_id, "adapter", lineage={
+            "kind": "adapter", "base_model": cfg.model.name_or_path, "peft_type": "LORA",
+            "lora_rank": cfg.train.lora.rank, "dataset_fingerprint": run.fingerprint,
+            "eval_loss": metrics.get("eval_loss"), "duration_s": round(duration_s, 1),
+            "git_commit": git_commit(os.getcwd())})
+        log(f"registered {registered.name} version {registered.version}")
+    _finish_mlflow(uri, run_id, "FINISHED")
+    return registered
+
+
+def _run_record(run: FitRun, status: str, **outcome) -> dict:
+    return {"name": run.name, "config": run.config, "mlflow_run_id": run.mlflow_run_id,
+            "tracking_uri": run.tracking_uri, "dataset_fingerprint": run.fingerprint, "plan": run.plan,
+            "status": status, **outcome}
 
 
 def _failure_message(error) -> str:
