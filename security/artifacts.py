@@ -246,7 +246,10 @@ def encrypt_folder(folder: str, key: bytes) -> str:
 
 def decrypt_folder(src: str, dst: str, key: bytes) -> str:
     """Verify the encrypted folder `src` (manifest, key id, MAC) and write its plaintext files into `dst`."""
-    manifest = verify_manifest(src, key)
+    return _decrypt_verified(src, dst, key, verify_manifest(src, key))
+
+
+def _decrypt_verified(src: str, dst: str, key: bytes, manifest: dict) -> str:
     if not manifest.get("encryption"):
         raise ArtifactError(f"{src} is not encrypted")
     for rel in manifest["files"]:
@@ -286,15 +289,13 @@ def finish_export(folder: str, security: Optional[SecurityConfig]) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def opened_for_load(path: str, security: Optional[SecurityConfig] = None) -> Iterator[str]:
-    """A folder rayft may load from: `path` itself (checked) or a private decrypted copy, removed afterwards.
-
-    Not a local folder (a hub id): yielded unchanged; `from_pretrained(..., use_safetensors=True)` guards it."""
+def check_for_load(path: str, security: Optional[SecurityConfig] = None) -> Optional[dict]:
+    """Every refusal of `opened_for_load`, without decrypting anything (a server checks its sources with it before
+    it deploys). Returns the verified manifest; None for a folder without one (an unverified base model, with a
+    warning) or for what is not a local folder (a hub id)."""
     security = security or SecurityConfig()
     if not os.path.isdir(path):
-        yield path
-        return
+        return None
     check_weight_files(path, security.allow_pickle_weights)
     manifest = read_manifest(path)
     if manifest is None:
@@ -304,16 +305,24 @@ def opened_for_load(path: str, security: Optional[SecurityConfig] = None) -> Ite
                                 f"security.require_manifest: false to load this folder as an unverified base model")
         log.warning("%s: no %s; loaded as an unverified base model (nothing checks its files). Set "
                     "security.require_manifest: true to refuse such folders", path, MANIFEST)
-        yield path
-        return
-    if not manifest.get("encryption"):
-        verify_manifest(path)
+        return None
+    return verify_manifest(path, load_key(security) if manifest.get("encryption") else None)
+
+
+@contextlib.contextmanager
+def opened_for_load(path: str, security: Optional[SecurityConfig] = None) -> Iterator[str]:
+    """A folder rayft may load from: `path` itself (checked) or a private decrypted copy, removed afterwards.
+
+    Not a local folder (a hub id): yielded unchanged; `from_pretrained(..., use_safetensors=True)` guards it."""
+    security = security or SecurityConfig()
+    manifest = check_for_load(path, security)
+    if manifest is None or not manifest.get("encryption"):
         yield path
         return
     key = load_key(security)
     tmp = tempfile.mkdtemp(prefix="rayft-decrypted-")  # mode 0700: only this user can read the plaintext
     try:
-        decrypt_folder(path, tmp, key)
+        _decrypt_verified(path, tmp, key, manifest)
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

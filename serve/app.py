@@ -488,9 +488,23 @@ def build_app(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = N
                                              os.environ.get(SUBMITTED_BY_ENV) or None)
 
 
+def check_sources(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = None, security=None) -> None:
+    """The security checks each replica makes when it loads the model (and the A/B versions), made here first, so
+    that a refusal (a tampered export, a registry copy whose manifest is not the registered one, a missing manifest
+    under require_manifest, pickle weights, a wrong key) is one error naming the file, not a failed deployment."""
+    from rayft.security.artifacts import check_for_load
+
+    from .sources import resolve
+
+    for source in [model_path, *(v.model for v in (cfg.ab_split.versions if cfg.ab_split else []))]:
+        check_for_load(resolve(source, tracking_uri), security)
+
+
 def start(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = None, app_name: str = "rayft",
           blocking: bool = False, security=None):
-    """Start Serve's HTTP proxy on cfg.host:cfg.port (once per Ray) and deploy the app; returns its handle."""
+    """Check the sources, start Serve's HTTP proxy on cfg.host:cfg.port (once per Ray) and deploy the app;
+    returns its handle."""
+    check_sources(cfg, model_path, tracking_uri, security)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     return serve.run(build_app(cfg, model_path, tracking_uri, security), name=app_name,
                      route_prefix=cfg.route_prefix, blocking=blocking)

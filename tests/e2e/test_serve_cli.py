@@ -74,3 +74,23 @@ def test_hash_key_reads_stdin(repo_root):
     out = subprocess.run([RAYFT, "serve", "--hash-key"], input="sk-secret\n", capture_output=True, text=True,
                          cwd=repo_root, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == hashlib.sha256(b"sk-secret").hexdigest()
+
+
+def test_a_tampered_export_is_refused_in_one_line_naming_the_file(repo_root, tiny_model_dir, tmp_path):
+    """A security refusal on the serve path is one line with the reason (which file failed its manifest check),
+    exit code 2, not a Ray deployment traceback."""
+    import shutil
+
+    from rayft.security.artifacts import write_manifest
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_model_dir, export)
+    write_manifest(str(export))
+    weights = export / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one weight changed, the size kept
+    weights.write_bytes(bytes(data))
+    code, out = _run(["--model", str(export), "--port", str(_free_port())], repo_root, 120)
+    assert code == 2, out
+    assert f"error: {weights}: tampered or corrupted (its SHA-256 does not match the manifest)" in out, out
+    assert "Traceback" not in out, out
