@@ -51,11 +51,10 @@ def run_quickstart(workdir: str, port: Optional[int] = None, fresh: bool = True,
     import ray
     from ray import serve
 
-    from rayft.serve.app import served_name, start
+    from rayft.serve.app import StopRequested, stop_server, stop_signals
     from rayft.train.tiny_model import build_tiny_model
 
     from .config import load_config
-    from .pipeline import run_pipeline, serve_stage, summary
     from .ray_conn import connect
 
     t0 = time.time()
@@ -76,29 +75,43 @@ def run_quickstart(workdir: str, port: Optional[int] = None, fresh: bool = True,
                 log(f"removing the previous quickstart run {stale}")
                 shutil.rmtree(stale)
     log(connect(cfg.ray.address, cfg.ray.num_cpus))
-    try:
-        out = run_pipeline(cfg, log=log)
-        scfg = serve_stage(cfg, out, True, log=log, port=port or free_port())
-        start(scfg, scfg.model, out.tracking_uri, security=cfg.security)
-        base = f"http://127.0.0.1:{scfg.port}{scfg.route_prefix.rstrip('/')}"
-        name = served_name(scfg, scfg.model)
-        log(f"POST {base}/v1/chat/completions  model={name!r}  question={QUESTION!r}")
-        answer = chat(base, name, QUESTION)
-        text = answer["choices"][0]["message"]["content"]
-        log(f"answer: {text!r}  ({answer['usage']['completion_tokens']} tokens; a tiny random model after a few "
-            f"steps of training: the text is not meant to be good)")
-        log(summary(out))
-        uri = out.tracking_uri
-        log(f"\nquickstart done in {time.time() - t0:.0f}s. Next:")
-        log(f"  rayft models list {out.model_name} --tracking-uri {uri}" if out.model_name else "")
-        log(f"  rayft serve --model {out.serve_target}" + (f" --tracking-uri {uri}" if uri else "")
-            + "      # then: curl http://127.0.0.1:8000/v1/models")
-        log("  rayft data inspect examples/quickstart.yaml -n 3 "
-            f"--set model.name_or_path={model_dir}   # what the model is trained on")
-        log("  rayft run examples/qwen2.5-1.5b-gpu.yaml      # a real model, on a GPU machine or cluster (see README)")
-        return 0
-    finally:
+    with stop_signals():  # SIGTERM or Ctrl-C: the same graceful stop as `rayft serve`, exit code 0
         try:
-            serve.shutdown()
+            return _pipeline_serve_chat(cfg, model_dir, port, t0, log)
+        except StopRequested as e:
+            log(f"{e.signal_name} received: stopping")
+            stop_server("rayft", 30.0, log)
+            return 0
         finally:
-            ray.shutdown()
+            if ray.is_initialized():  # after a graceful stop Ray is already down (serve.shutdown would start one)
+                try:
+                    serve.shutdown()
+                finally:
+                    ray.shutdown()
+
+
+def _pipeline_serve_chat(cfg, model_dir: Path, port: Optional[int], t0: float, log: Callable[[str], None]) -> int:
+    from rayft.serve.app import served_name, start
+
+    from .pipeline import run_pipeline, serve_stage, summary
+
+    out = run_pipeline(cfg, log=log)
+    scfg = serve_stage(cfg, out, True, log=log, port=port or free_port())
+    start(scfg, scfg.model, out.tracking_uri, security=cfg.security)
+    base = f"http://127.0.0.1:{scfg.port}{scfg.route_prefix.rstrip('/')}"
+    name = served_name(scfg, scfg.model)
+    log(f"POST {base}/v1/chat/completions  model={name!r}  question={QUESTION!r}")
+    answer = chat(base, name, QUESTION)
+    text = answer["choices"][0]["message"]["content"]
+    log(f"answer: {text!r}  ({answer['usage']['completion_tokens']} tokens; a tiny random model after a few "
+        f"steps of training: the text is not meant to be good)")
+    log(summary(out))
+    uri = out.tracking_uri
+    log(f"\nquickstart done in {time.time() - t0:.0f}s. Next:")
+    log(f"  rayft models list {out.model_name} --tracking-uri {uri}" if out.model_name else "")
+    log(f"  rayft serve --model {out.serve_target}" + (f" --tracking-uri {uri}" if uri else "")
+        + "      # then: curl http://127.0.0.1:8000/v1/models")
+    log("  rayft data inspect examples/quickstart.yaml -n 3 "
+        f"--set model.name_or_path={model_dir}   # what the model is trained on")
+    log("  rayft run examples/qwen2.5-1.5b-gpu.yaml      # a real model, on a GPU machine or cluster (see README)")
+    return 0

@@ -13,10 +13,12 @@ own requests with a 500 and the replica carries on.
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import random
+import signal
 import threading
 import time
 import uuid
@@ -476,6 +478,9 @@ def build_app(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = N
         max_ongoing_requests=cfg.max_ongoing_requests + 8,
         max_queued_requests=cfg.max_ongoing_requests * 4,
         ray_actor_options={"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica},
+        # A replica being stopped (graceful stop, scale-down) lets its requests in flight finish first.
+        graceful_shutdown_timeout_s=cfg.graceful_shutdown_s,
+        graceful_shutdown_wait_loop_s=0.5,
     )
     if cfg.autoscaling:
         a = cfg.autoscaling
@@ -510,20 +515,81 @@ def start(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = None,
                      route_prefix=cfg.route_prefix, blocking=blocking)
 
 
+class StopRequested(BaseException):
+    """SIGTERM or SIGINT reached a serving process: stop gracefully (a BaseException, like KeyboardInterrupt, so
+    that no `except Exception` on the way swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signal_name = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM (what systemd and Kubernetes send) and SIGINT (Ctrl-C) raise StopRequested in the main thread
+    instead of Ray's handler, which prints a crash trace and aborts. Only the first one counts: a second signal
+    during the stop is ignored, so the stop itself runs to its end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = False
+
+    def handler(signum, _frame):
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        raise StopRequested(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def stop_server(app_name: str, grace_s: float, log=print) -> None:
+    """Graceful stop: delete the app (the proxy routes no new request to it; each replica waits for its requests in
+    flight, at most `grace_s`, before it exits), then stop Serve and disconnect from (or stop) Ray."""
+    import ray
+
+    t0 = time.monotonic()
+    with contextlib.suppress(Exception):  # an app that failed or is gone: nothing to drain
+        serve.delete(app_name, _blocking=True)
+    log(f"requests in flight finished or timed out after {time.monotonic() - t0:.1f} s; stopping Serve and Ray")
+    serve.shutdown()
+    ray.shutdown()  # a local Ray started by this process stops with it; on a cluster this only disconnects
+
+
 def run_server(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = None, smoke_test: bool = False,
-               log=print, security=None) -> int:
-    """Deploy and serve until interrupted; with smoke_test, answer one /health and one completion, then stop."""
+               log=print, security=None, app_name: str = "rayft") -> int:
+    """Deploy and serve until SIGTERM or Ctrl-C, then stop gracefully (exit code 0); with smoke_test, answer one
+    /health and one completion, then stop."""
+    with stop_signals():
+        try:
+            return _serve_until_stopped(cfg, model_path, tracking_uri, smoke_test, log, security, app_name)
+        except StopRequested as e:
+            log(f"{e.signal_name} received: refusing new requests, waiting up to {cfg.graceful_shutdown_s:g} s "
+                f"(serve.graceful_shutdown_s) for requests in flight")
+            stop_server(app_name, cfg.graceful_shutdown_s, log)
+            log("stopped")
+            return 0
+
+
+def _serve_until_stopped(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str], smoke_test: bool, log,
+                         security, app_name: str) -> int:
     import urllib.request
 
-    start(cfg, model_path, tracking_uri, security=security)
+    start(cfg, model_path, tracking_uri, app_name=app_name, security=security)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     base = f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
     name = served_name(cfg, model_path)
     log(f"serving {name!r} ({model_path}) at {base}/v1 (OpenAI-compatible; GET {base}/health)")
     keys = cfg.api_keys_file or os.environ.get("RAYFT_API_KEYS_FILE")
     log(f"API keys: {'required (' + keys + ')' if keys else 'off (loopback only)'}")
-    try:
-        if smoke_test:
+    if smoke_test:
+        try:
             with urllib.request.urlopen(f"{base}/health", timeout=30) as r:
                 log(f"GET /health -> {r.status} {r.read().decode()}")
             if not keys:
@@ -533,11 +599,8 @@ def run_server(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = 
                 with urllib.request.urlopen(req, timeout=60) as r:
                     out = json.loads(r.read())
                 log(f"POST /v1/completions -> {r.status} {out['choices'][0]['text']!r} usage {out['usage']}")
-            return 0
-        while True:  # the proxy and replicas run in Ray; this process only keeps them alive
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        log("stopping")
+        finally:
+            serve.shutdown()
         return 0
-    finally:
-        serve.shutdown()
+    while True:  # the proxy and replicas run in Ray; this process only keeps them alive until a stop signal
+        time.sleep(3600)

@@ -130,6 +130,11 @@ class ServeConfig(_Section):
     require_api_keys: bool = Field(default=False, description="Refuse requests without a valid key even on loopback.")
     ab_split: Optional[ABSplit] = Field(default=None, description="A/B split of model versions behind one name.")
     seed: int = Field(default=0, description="Seed of the A/B router and of requests without `seed`.")
+    graceful_shutdown_s: float = Field(
+        default=30.0, ge=0,
+        description="On SIGTERM or Ctrl-C: new requests are refused and requests in flight get this long to finish "
+        "before the replicas, Serve and the Ray the server started are stopped (exit code 0).",
+    )
 
     @field_validator("adapters")
     @classmethod

@@ -1,6 +1,7 @@
 """`rayft serve` as a user runs it (a subprocess with its own local Ray), in --smoke-test mode: start, answer
 /health and one completion over HTTP on 127.0.0.1, stop. The config file's `serve:` section names the champion
 in the MLflow registry (`models:/NAME@champion`), registered with train/registry.py."""
+import os
 import socket
 import subprocess
 import sys
@@ -74,6 +75,60 @@ def test_hash_key_reads_stdin(repo_root):
     out = subprocess.run([RAYFT, "serve", "--hash-key"], input="sk-secret\n", capture_output=True, text=True,
                          cwd=repo_root, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == hashlib.sha256(b"sk-secret").hexdigest()
+
+
+def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(repo_root, tiny_model_dir):
+    """What systemd and Kubernetes send to stop a server: the streaming request in flight is answered to its end
+    ([DONE]), then Serve and the Ray the command started stop, with exit code 0 (not Ray's crash trace)."""
+    import json
+    import signal
+    import threading
+    import time
+    import urllib.request
+
+    port = _free_port()
+    proc = subprocess.Popen([RAYFT, "serve", "--model", tiny_model_dir, "--port", str(port)], cwd=repo_root,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        events: list[tuple[float, str]] = []
+
+        def stream():
+            body = json.dumps({"model": os.path.basename(tiny_model_dir), "prompt": "hello", "max_tokens": 1000,
+                               "temperature": 1.0, "seed": 1, "stream": True}).encode()
+            req = urllib.request.Request(f"{base}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                for line in r:
+                    if line.strip():
+                        events.append((time.monotonic(), line.decode().strip()))
+
+        reader = threading.Thread(target=stream, daemon=True)
+        reader.start()
+        while not events and reader.is_alive():
+            time.sleep(0.01)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)  # the request is in flight: its first chunk is in, the rest is not
+        reader.join(timeout=120)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert events and events[-1][1] == "data: [DONE]", (events[-3:], out[-3000:])
+    assert any(t > sent for t, _ in events[:-1]), "no chunk arrived after SIGTERM"
+    assert any('"finish_reason": "' in e for _, e in events), events[-3:]
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM received: refusing new requests, waiting up to 30 s" in out and "\nstopped" in out, out[-3000:]
+    assert "*** SIGTERM received" not in out, out[-3000:]
 
 
 def test_a_tampered_export_is_refused_in_one_line_naming_the_file(repo_root, tiny_model_dir, tmp_path):
