@@ -10,9 +10,10 @@ Each stage prints its result and where it lives. Ray must be connected by the ca
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
+
+from rayft.data import storage
 
 
 @dataclass
@@ -45,7 +46,7 @@ def _best_eval_loss(checkpoint: Optional[str], metrics: dict) -> Optional[float]
     """The eval loss of the checkpoint that is exported (the best one), not the last evaluation's."""
     from rayft.train.checkpoint import read_state
 
-    if checkpoint and "://" not in checkpoint and os.path.isdir(checkpoint):
+    if checkpoint:
         try:
             loss = read_state(checkpoint).get("eval_loss")
             if loss is not None:
@@ -92,8 +93,8 @@ def _run_training(cfg, resume: bool, promotion, name: Optional[str], log) -> Run
     _stage(log, 2, "train", f"{cfg.train.num_workers} worker(s), DeepSpeed ZeRO-{cfg.train.deepspeed.zero_stage}, "
            f"LoRA rank {cfg.train.lora.rank}")
     out = fit(cfg, data, resume=resume, log=log, register=False)
-    result = RunOutcome(out.run_dir, data_report=os.path.join(out.run_dir, "data_report.json"),
-                        rejects=os.path.join(out.run_dir, "rejects.jsonl"), tracking_uri=out.tracking_uri)
+    result = RunOutcome(out.run_dir, data_report=storage.join(out.run_dir, "data_report.json"),
+                        rejects=storage.join(out.run_dir, "rejects.jsonl"), tracking_uri=out.tracking_uri)
     result.eval_loss = _best_eval_loss(out.checkpoint, out.metrics)
     m = out.metrics
     log(f"train: {m.get('global_step')}/{m.get('total_steps')} steps, best eval loss "
@@ -101,14 +102,14 @@ def _run_training(cfg, resume: bool, promotion, name: Optional[str], log) -> Run
         f"{out.checkpoint}" + (f"; MLflow run {out.mlflow_run_id} ({out.tracking_uri})" if out.mlflow_run_id else ""))
 
     _stage(log, 3, "export", "best checkpoint -> adapter + merged model (logits checked) -> registry")
-    export_dir = os.path.join(out.run_dir, "export")
+    export_dir = storage.join(out.run_dir, "export")
     crowned = crown_run(out.run_dir, export_dir, name, out.tracking_uri, result.eval_loss, data.fingerprint,
                         promotion.policy, promotion.min_improvement, log=log)
     return _fill(result, crowned, name, export_dir, log)
 
 
 def _fill(result: RunOutcome, crowned, name: Optional[str], export_dir: str, log) -> RunOutcome:
-    result.adapter_dir = os.path.join(export_dir, "adapter")
+    result.adapter_dir = storage.join(export_dir, "adapter")
     result.merged_dir = crowned.merged_dir
     if crowned.registered is not None:
         result.model_name, result.version, result.alias = name, crowned.registered.version, crowned.promoted
@@ -129,16 +130,15 @@ def _run_search(cfg, resume: bool, log) -> RunOutcome:
     result = RunOutcome(out.search_dir, tracking_uri=None, eval_loss=best.best_eval_loss if best else None)
     trial_dir = best.run_dir if best else None
     if trial_dir:
-        result.data_report = os.path.join(trial_dir, "data_report.json")
-        result.rejects = os.path.join(trial_dir, "rejects.jsonl")
-    result.adapter_dir = os.path.join(out.search_dir, "export", "adapter")
+        result.data_report = storage.join(trial_dir, "data_report.json")
+        result.rejects = storage.join(trial_dir, "rejects.jsonl")
+    result.adapter_dir = storage.join(out.search_dir, "export", "adapter")
     result.merged_dir = out.merged_dir
     name = cfg.registered_model_name
     if out.registered is not None:
         from rayft.registry.tracking import tracking_uri
 
-        storage = cfg.storage_root
-        result.tracking_uri = tracking_uri(cfg.tracking.tracking_uri, storage)
+        result.tracking_uri = tracking_uri(cfg.tracking.tracking_uri, cfg.storage_root)
         result.model_name, result.version, result.alias = name, out.registered.version, out.promoted
     result.notes.extend(out.notes)
     _stage(log, 3, "export", f"best trial {best.trial_id if best else '-'} -> {result.adapter_dir}, merged {out.merged_dir}")

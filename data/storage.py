@@ -172,6 +172,17 @@ def upload_dir(local_dir: str, path: str) -> None:
     pafs.copy_files(local_dir, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
+def copy_dir(src: str, dst: str) -> None:
+    """Copy a folder or prefix to another (local or object storage, either way)."""
+    import pyarrow.fs as pafs
+
+    src_fs, s = filesystem(src)
+    dst_fs, d = filesystem(dst)
+    if not is_uri(dst):
+        os.makedirs(d, exist_ok=True)
+    pafs.copy_files(s, d, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
 def delete_dir(path: str) -> None:
     import pyarrow.fs as pafs
 

@@ -111,11 +111,14 @@ def setup(config: dict) -> WorkerState:
     import ray.train
     import torch
 
+    from rayft.data.storage import StorageConfig, apply_storage_settings
     from rayft.models.config import ModelConfig
 
     from .config import TrainConfig
     from .engine import build_engine
 
+    # This worker may run on another node: it reaches the run folder through the same endpoint as the driver.
+    apply_storage_settings(StorageConfig.model_validate(config.get("storage") or {}))
     model_cfg = ModelConfig.model_validate(config["model"])
     train = TrainConfig.model_validate(config["train"])
     plan = config["plan"]
@@ -144,12 +147,22 @@ def resume(state: WorkerState, required: bool) -> None:
     """
     import ray.train
 
-    from .checkpoint import ENGINE_DIR, ENGINE_TAG, choose_resume_checkpoint, read_state, set_rng_state
+    from .checkpoint import (
+        ENGINE_DIR,
+        ENGINE_TAG,
+        checkpoint_dir_name,
+        choose_resume_checkpoint,
+        read_state,
+        set_rng_state,
+    )
 
     latest = ray.train.get_checkpoint()
-    # Ray's checkpoint may be a temporary download (remote storage): load everything before it goes away.
-    with (latest.as_directory() if latest is not None else contextlib.nullcontext()) as latest_dir:
-        path = choose_resume_checkpoint(latest_dir, state.run_dir, warn=lambda m: state.say("warning: " + m))
+    # Ray's checkpoint may be a temporary download (remote storage), and a checkpoint from the bucket is downloaded
+    # into `scratch`: load everything before they go away.
+    with (latest.as_directory() if latest is not None else contextlib.nullcontext()) as latest_dir, \
+            tempfile.TemporaryDirectory(prefix="rayft-resume-") as scratch:
+        path = choose_resume_checkpoint(latest_dir, state.run_dir, warn=lambda m: state.say("warning: " + m),
+                                        scratch=scratch)
         if path is None and required:
             raise WorkerError(f"--resume: no intact checkpoint under {state.run_dir}")
         if path is not None:
@@ -164,7 +177,9 @@ def resume(state: WorkerState, required: bool) -> None:
                 setattr(state.progress, name, saved[name])
             with open(os.path.join(path, "rng", f"rank{state.rank}.json")) as f:
                 set_rng_state(json.load(f))
-            state.say(f"resumed from {os.path.basename(path)} at step {state.progress.global_step}")
+            # Named by its step: Ray's copy of a checkpoint in object storage is a temporary folder.
+            state.say(f"resumed from {checkpoint_dir_name(state.progress.global_step)} at step "
+                      f"{state.progress.global_step}")
     state.last_saved = path
     state.start_step = state.progress.global_step
 

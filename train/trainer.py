@@ -9,12 +9,13 @@ import hashlib
 import json
 import math
 import os
-import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from rayft.data import storage
 from rayft.models.config import ModelConfig
 
 from .checkpoint import ADAPTER_DIR, best_and_latest
@@ -149,10 +150,9 @@ def prepare_training_data(cfg, log: Callable[[str], None] = print) -> TrainingDa
 
 def run_training(cfg, resume: bool = False, log: Callable[[str], None] = print) -> TrainOutcome:
     """Train one config end to end. `cfg` is the composed RayftConfig (cluster/config.py)."""
-    storage = cfg.storage_root
-    run_dir = os.path.join(storage, cfg.name)
-    existing = best_and_latest(run_dir)["latest"] if os.path.isdir(run_dir) else None
-    if resume and existing is None and "://" not in storage:  # remote: the workers check (require_resume)
+    run_dir = storage.join(cfg.storage_root, cfg.name)
+    existing = best_and_latest(run_dir)["latest"]  # a folder or a bucket prefix alike
+    if resume and existing is None:
         raise TrainingError(f"--resume: {run_dir} holds no intact checkpoint to resume from; run without --resume to start")
     if existing:
         log(f"{run_dir} has checkpoints: continuing from the last one (same run name and storage path)")
@@ -165,67 +165,56 @@ class FitRun:
 
     name: str
     storage: str  # an absolute folder or a URI (s3://, gs://)
-    run_dir: str  # <storage>/<name>: Ray Train's checkpoints
-    # The driver's own files (data report, run file, final adapter) need a local folder; with remote storage
-    # they go to ./runs/<name> and the checkpoints stay in the bucket.
-    local_dir: str
+    run_dir: str  # <storage>/<name>: checkpoints, data report, rejects, run file, adapter; nothing on local disk
     config: dict  # the resolved config, as the run file and MLflow record it
     fingerprint: str
     plan: dict = field(default_factory=dict)
     tracking_uri: Optional[str] = None
     mlflow_run_id: Optional[str] = None
 
-    @property
-    def remote(self) -> bool:
-        return "://" in self.storage
-
 
 def fit(cfg, data: TrainingData, *, resume: bool = False, log: Callable[[str], None] = print,
-        run_name: Optional[str] = None, storage: Optional[str] = None, callbacks: tuple = (),
+        run_name: Optional[str] = None, storage_path: Optional[str] = None, callbacks: tuple = (),
         mlflow_parent: Optional[dict] = None, register: bool = True, mlflow_run_name: Optional[str] = None,
         extra_params: Optional[dict] = None) -> TrainOutcome:
     """One TorchTrainer run over prepared data. A search calls this once per trial with its own
-    `run_name`, `storage`, Tune's report callback and the search's MLflow run as parent (`mlflow_parent`,
+    `run_name`, `storage_path`, Tune's report callback and the search's MLflow run as parent (`mlflow_parent`,
     `mlflow_run_name`, the trial's values as `extra_params`); `rayft run` registers on its own (`register`)."""
     t_start = time.time()
-    run = resolve_run(cfg, data, run_name, storage)
-    report_path = write_data_files(run, data, log)
+    run = resolve_run(cfg, data, run_name, storage_path)
+    write_data_files(run, data, log)
     run.plan = plan_for(cfg.train, data)
     log(describe_plan(run, cfg.train))
-    open_tracking(run, cfg, report_path, log, parent=mlflow_parent, mlflow_run_name=mlflow_run_name,
+    open_tracking(run, cfg, data.report, log, parent=mlflow_parent, mlflow_run_name=mlflow_run_name,
                   extra_params=extra_params)
-    _write_run_file(run.local_dir, _run_record(run, "running"))
+    _write_run_file(run.run_dir, _run_record(run, "running"))
     result = run_trainer(run, cfg, data, resume=resume, callbacks=callbacks, log=log)
     checkpoint, adapter_dir = collect_adapter(run, result)
     metrics = dict(result.metrics or {})
     registered = finish_tracking(run, cfg, adapter_dir, metrics, time.time() - t_start, register=register, log=log)
-    _write_run_file(run.local_dir, _run_record(run, "finished", adapter=adapter_dir, checkpoint=checkpoint,
-                                               metrics=_jsonable(metrics)))
-    return TrainOutcome(run.local_dir, metrics, checkpoint, adapter_dir, run.mlflow_run_id, run.tracking_uri,
+    _write_run_file(run.run_dir, _run_record(run, "finished", adapter=adapter_dir, checkpoint=checkpoint,
+                                             metrics=_jsonable(metrics)))
+    return TrainOutcome(run.run_dir, metrics, checkpoint, adapter_dir, run.mlflow_run_id, run.tracking_uri,
                         registered, run.plan)
 
 
-def resolve_run(cfg, data: TrainingData, run_name: Optional[str], storage: Optional[str]) -> FitRun:
+def resolve_run(cfg, data: TrainingData, run_name: Optional[str], storage_path: Optional[str]) -> FitRun:
     name = run_name or cfg.name
-    storage = storage or cfg.storage_root
-    run_dir = os.path.join(storage, name)
-    local_dir = os.path.abspath(os.path.join("runs", name)) if "://" in storage else run_dir
-    return FitRun(name, storage, run_dir, local_dir, cfg.model_dump(mode="json", by_alias=True), data.fingerprint)
+    root = storage_path or cfg.storage_root
+    return FitRun(name, root, storage.join(root, name), cfg.model_dump(mode="json", by_alias=True), data.fingerprint)
 
 
-def write_data_files(run: FitRun, data: TrainingData, log: Callable[[str], None]) -> str:
-    """The data report and every rejected row (with its source, line and reason); returns the report's path."""
-    os.makedirs(run.local_dir, exist_ok=True)
-    report_path = os.path.join(run.local_dir, "data_report.json")
-    with open(report_path, "w", encoding="utf-8") as f:
-        json.dump(data.report, f, indent=2)
+def write_data_files(run: FitRun, data: TrainingData, log: Callable[[str], None]) -> None:
+    """The data report and every rejected row (with its source, line and reason), in the run folder."""
+    storage.make_dirs(run.run_dir)
+    report_path = storage.join(run.run_dir, "data_report.json")
+    storage.write_text(report_path, json.dumps(data.report, indent=2))
     if data.rejects is not None:
         from rayft.data.pipeline import write_rejects
 
-        n_rejects = write_rejects(data.rejects, os.path.join(run.local_dir, "rejects.jsonl"))
-        log(f"data: {n_rejects} rejected row(s) in {os.path.join(run.local_dir, 'rejects.jsonl')}, "
-            f"report in {report_path}")
-    return report_path
+        rejects_path = storage.join(run.run_dir, "rejects.jsonl")
+        n_rejects = write_rejects(data.rejects, rejects_path)
+        log(f"data: {n_rejects} rejected row(s) in {rejects_path}, report in {report_path}")
 
 
 def describe_plan(run: FitRun, train: TrainConfig) -> str:
@@ -235,7 +224,7 @@ def describe_plan(run: FitRun, train: TrainConfig) -> str:
             f"worker(s), ZeRO-{train.deepspeed.zero_stage}; dataset fingerprint {run.fingerprint}")
 
 
-def open_tracking(run: FitRun, cfg, report_path: str, log: Callable[[str], None], *, parent: Optional[dict],
+def open_tracking(run: FitRun, cfg, report: dict, log: Callable[[str], None], *, parent: Optional[dict],
                   mlflow_run_name: Optional[str], extra_params: Optional[dict]) -> None:
     """Open the run's MLflow run (nested under `parent`'s, a search's, when given) and attach the data report."""
     if not cfg.tracking.enabled:
@@ -250,7 +239,7 @@ def open_tracking(run: FitRun, cfg, report_path: str, log: Callable[[str], None]
     params = dict(run.config, trial=extra_params) if extra_params else run.config
     run_id = open_run(uri, cfg.tracking.experiment, mlflow_run_name or run.name, run.storage, params,
                       {k: v for k, v in tags.items() if v})
-    _mlflow_client(uri).log_artifact(run_id, report_path)
+    _mlflow_client(uri).log_dict(run_id, report, "data_report.json")
     run.tracking_uri, run.mlflow_run_id = uri, run_id
     log(f"MLflow run {run_id} at {uri}")
 
@@ -264,6 +253,7 @@ def build_trainer(run: FitRun, cfg, data: TrainingData, *, resume: bool, callbac
     from .loop import train_loop_per_worker
 
     train = cfg.train
+    storage_path, storage_fs = storage.train_storage(run.storage)
     datasets = {"train": data.train}
     if data.eval is not None:
         datasets["eval"] = data.eval
@@ -273,12 +263,14 @@ def build_trainer(run: FitRun, cfg, data: TrainingData, *, resume: bool, callbac
             "model": cfg.model.model_dump(mode="json"), "train": train.model_dump(mode="json"), "plan": run.plan,
             "tracking": {"uri": run.tracking_uri, "run_id": run.mlflow_run_id} if run.mlflow_run_id else None,
             "run_dir": run.run_dir, "progress": progress, "require_resume": resume,
+            # The endpoint (never the keys) travels with the workers: they list and read the run folder themselves.
+            "storage": cfg.storage.model_dump(mode="json"),
         },
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker,
                                                            **({"GPU": 1} if train.use_gpu else {})}),
         run_config=RunConfig(
-            name=run.name, storage_path=run.storage, callbacks=list(callbacks),
+            name=run.name, storage_path=storage_path, storage_filesystem=storage_fs, callbacks=list(callbacks),
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_best_checkpoints,
                                                checkpoint_score_attribute="checkpoint_score",
                                                checkpoint_score_order="min"),
@@ -320,22 +312,14 @@ def run_trainer(run: FitRun, cfg, data: TrainingData, *, resume: bool, callbacks
 
 
 def collect_adapter(run: FitRun, result) -> tuple[Optional[str], Optional[str]]:
-    """(best checkpoint, its adapter copied to <local_dir>/adapter); the best has the lowest eval loss, else it
-    is the latest. Both None when the run saved no checkpoint."""
-    adapter_dir = os.path.join(run.local_dir, "adapter")
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    if run.remote:  # Ray's own bookkeeping of the best checkpoint (by checkpoint_score), downloaded
-        best = min(result.best_checkpoints, key=lambda cm: cm[1].get("checkpoint_score", 1e30))[0] \
-            if result.best_checkpoints else result.checkpoint
-        chosen = best.path if best else None
-        if best:
-            with best.as_directory() as d:
-                shutil.copytree(os.path.join(d, ADAPTER_DIR), adapter_dir)
-    else:
-        found = best_and_latest(run.run_dir)
-        chosen = found["best"] or found["latest"]
-        if chosen:
-            shutil.copytree(os.path.join(chosen, ADAPTER_DIR), adapter_dir)
+    """(best checkpoint, its adapter copied to <run_dir>/adapter); the best has the lowest eval loss, else it
+    is the latest. Both None when the run saved no checkpoint. A folder and a bucket prefix work alike."""
+    adapter_dir = storage.join(run.run_dir, "adapter")
+    storage.delete_dir(adapter_dir)
+    found = best_and_latest(run.run_dir)
+    chosen = found["best"] or found["latest"]
+    if chosen:
+        storage.copy_dir(storage.join(chosen, ADAPTER_DIR), adapter_dir)
     return chosen, (adapter_dir if chosen is not None else None)
 
 
@@ -347,7 +331,8 @@ def finish_tracking(run: FitRun, cfg, adapter_dir: Optional[str], metrics: dict,
         return None
     uri, run_id = run.tracking_uri, run.mlflow_run_id
     c = _mlflow_client(uri)
-    c.log_artifacts(run_id, adapter_dir, artifact_path="adapter")
+    with tempfile.TemporaryDirectory(prefix="rayft-adapter-") as local:  # MLflow logs from a local folder
+        c.log_artifacts(run_id, storage.download_dir(adapter_dir, local), artifact_path="adapter")
     c.log_metric(run_id, "duration_s", duration_s)
     registered = None
     model_name = cfg.name if cfg.tracking.register_model is None else cfg.tracking.register_model
@@ -401,18 +386,15 @@ def _jsonable(d: dict) -> dict:
 
 
 def _write_run_file(run_dir: str, content: dict) -> None:
-    tmp = os.path.join(run_dir, RUN_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(content, f, indent=2)
-    os.replace(tmp, os.path.join(run_dir, RUN_FILE))
+    storage.write_text(storage.join(run_dir, RUN_FILE), json.dumps(content, indent=2))
 
 
 def read_run_file(run_dir: str) -> dict:
-    path = os.path.join(run_dir, RUN_FILE)
-    if not os.path.isfile(path):
+    """The run file of a run folder, local or in object storage (`s3://bucket/runs/NAME`)."""
+    path = storage.join(run_dir, RUN_FILE)
+    if not storage.is_file(path):
         raise TrainingError(f"{run_dir} is not a rayft run folder ({RUN_FILE} is missing); give <storage_path>/<name>")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(storage.read_text(path))
 
 
 class ProgressPrinter:

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from rayft.data import storage
 from rayft.registry.promotion import CHALLENGER, CHAMPION, current_version, decide
 
 
@@ -52,7 +53,7 @@ def crown_run(run_dir: str, out_dir: str, name: Optional[str], uri: Optional[str
 def crown(cfg, outcome, data, uri: Optional[str], log: Callable[[str], None] = print) -> None:
     best = outcome.best
     name = cfg.registered_model_name
-    done = crown_run(best.run_dir, os.path.join(outcome.search_dir, "export"), name, uri, best.best_eval_loss,
+    done = crown_run(best.run_dir, storage.join(outcome.search_dir, "export"), name, uri, best.best_eval_loss,
                      data.fingerprint, cfg.tune.promotion.policy, cfg.tune.promotion.min_improvement, log,
                      tags={"rayft.search": os.path.basename(outcome.search_dir)})
     outcome.merged_dir, outcome.registered, outcome.promoted = done.merged_dir, done.registered, done.promoted

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from rayft.data import storage
 from rayft.train.trainer import TrainingError
 
 from .space import apply_params, largest_trial, to_tune_space, validate_space
@@ -99,8 +100,10 @@ def _trial_driver(config: dict, cfg=None, data=None, search_dir: str = "", paren
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from rayft.data.storage import apply_storage_settings
     from rayft.train.trainer import fit
 
+    apply_storage_settings(cfg.storage)  # this trial may run on another node: the same endpoint there
     params = {k: v for k, v in config.items() if k.startswith("train.")}
     trial_train = trial_train_config(apply_params(cfg.train, params))
     trial_id = tune.get_context().get_trial_id()
@@ -115,7 +118,7 @@ def _trial_driver(config: dict, cfg=None, data=None, search_dir: str = "", paren
 
     # Tune ends this task as soon as ASHA stops the trial or it reports its last step, so nothing after
     # fit() is sure to run: the trial's run folder (checkpoints, rayft_run.json) is its result.
-    fit(trial_cfg, data, run_name=run_name, storage=os.path.join(search_dir, "trials"),
+    fit(trial_cfg, data, run_name=run_name, storage_path=storage.join(search_dir, "trials"),
         callbacks=[TuneReportCallback()], mlflow_parent=parent_run, register=False,
         mlflow_run_name=f"{cfg.name}/{run_name}", extra_params=params, log=log)
 
@@ -136,9 +139,9 @@ def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) ->
     # Training reports at logging steps carry no eval loss; ASHA skips those, Tune's strict check must too.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
 
-    storage = cfg.storage_root
+    root = cfg.storage_root
     search_name = f"{cfg.name}-search"
-    search_dir = os.path.join(storage, search_name)
+    search_dir = storage.join(root, search_name)  # a folder, or a bucket prefix: every trial's run folder is in it
     cluster = ray.cluster_resources()
     # Check the largest trial the space can produce (num_workers and cpus_per_worker may be searched too).
     concurrency = check_fits(cfg.train, cluster, tcfg.max_concurrent_trials, tcfg)
@@ -150,8 +153,8 @@ def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) ->
 
     uri = parent_id = None
     if cfg.tracking.enabled:
-        uri = tracking_uri(cfg.tracking.tracking_uri, storage)
-        parent_id = open_run(uri, cfg.tracking.experiment, search_name, storage,
+        uri = tracking_uri(cfg.tracking.tracking_uri, root)
+        parent_id = open_run(uri, cfg.tracking.experiment, search_name, root,
                              {"tune": tcfg.model_dump(mode="json"), "base": cfg.model_dump(mode="json", by_alias=True)},
                              {"rayft.kind": "search", "dataset_fingerprint": data.fingerprint})
     parent = {"uri": uri, "run_id": parent_id} if parent_id else None
@@ -178,12 +181,14 @@ def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) ->
             raise SearchError(f"tune.algorithm: optuna needs the optuna package ({e}); pip install optuna, or use random") from None
         search_alg = OptunaSearch(metric="eval_loss", mode="min", seed=tcfg.seed)
 
-    path = os.path.join(storage, search_name)
+    tune_path, tune_fs = storage.train_storage(root)  # Tune's experiment state goes to the same storage
+    path = storage.train_storage(search_dir)[0]
     if resume:
-        if not tune.Tuner.can_restore(path):
-            raise SearchError(f"--resume: no search to resume in {path}; run without --resume to start one")
-        log(f"resuming the search in {path}: finished trials are kept, unfinished ones continue")
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        if not tune.Tuner.can_restore(path, storage_filesystem=tune_fs):
+            raise SearchError(f"--resume: no search to resume in {search_dir}; run without --resume to start one")
+        log(f"resuming the search in {search_dir}: finished trials are kept, unfinished ones continue")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=tune_fs)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -192,7 +197,7 @@ def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) ->
             tune_config=tune.TuneConfig(num_samples=tcfg.num_samples, scheduler=scheduler, search_alg=search_alg,
                                         max_concurrent_trials=concurrency,
                                         **({} if tcfg.asha.enabled or search_alg else {"metric": "eval_loss", "mode": "min"})),
-            run_config=tune.RunConfig(name=search_name, storage_path=storage, verbose=0),
+            run_config=tune.RunConfig(name=search_name, storage_path=tune_path, storage_filesystem=tune_fs, verbose=0),
         )
     log(f"search: {tcfg.num_samples} trial(s), up to {concurrency} at once, {max_steps} steps each at most, "
         f"ASHA {'on' if tcfg.asha.enabled else 'off'}")
@@ -240,8 +245,8 @@ def summarise(grid, max_steps: int, search_dir: str) -> SearchOutcome:
         steps = int(df["global_step"].max()) if df is not None and "global_step" in df and len(df) else 0
         params = {k: v for k, v in (r.config or {}).items() if k.startswith("train.")}
         trial_id = _trial_id(r)
-        trial_dir = os.path.join(search_dir, "trials", f"trial-{trial_id}") if trial_id else None
-        run_dir = trial_dir if trial_dir and os.path.isfile(os.path.join(trial_dir, "rayft_run.json")) else None
+        trial_dir = storage.join(search_dir, "trials", f"trial-{trial_id}") if trial_id else None
+        run_dir = trial_dir if trial_dir and storage.is_file(storage.join(trial_dir, "rayft_run.json")) else None
         rows.append(TrialRow(trial_id or "?", params, best, steps, stopped_early=steps < max_steps and r.error is None,
                              status="ERROR" if r.error else "TERMINATED", run_dir=run_dir))
     done = [t for t in rows if t.best_eval_loss is not None and t.run_dir]
