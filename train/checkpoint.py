@@ -10,19 +10,28 @@ One checkpoint folder (Ray Train merges every rank's part into it):
 
 A checkpoint is usable only when every rank's manifest is there and every file matches it, so a run
 interrupted while saving (or a copy cut short) leaves the previous checkpoint as the one resumed from.
+
+With `security.encrypt_artifacts`, each rank encrypts the files that hold weights or optimizer state (everything
+under engine/ and adapter/) as `NAME.enc` (AES-256-GCM, bound to the file's path in the checkpoint) before its
+manifest is written, so no plaintext copy reaches the storage. state.json, rng/ and manifest/ hold no weights and
+stay readable: resume and the choice of the best checkpoint work without the key. Reading decrypts into a
+private (0700) temporary folder (`opened_checkpoint`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import re
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from rayft.data import storage
-from rayft.security.artifacts import file_sha256
+from rayft.security.artifacts import ENC_SUFFIX, decrypt_file, encrypt_file, file_sha256
 
 STATE_FILE = "state.json"
 ENGINE_DIR = "engine"
@@ -108,9 +117,58 @@ def save_adapter(model, state: dict, out_dir: str) -> None:
 # ---------------------------------------------------------------------------------------- writing
 
 
+ENCRYPTED_PARTS = (ENGINE_DIR, ADAPTER_DIR)  # what holds weights or optimizer state
+
+
+def encrypt_weights(local_dir: str, key: bytes) -> None:
+    """Encrypt every file under engine/ and adapter/ of a checkpoint part in place (`NAME` -> `NAME.enc`)."""
+    root = Path(local_dir)
+    for part in ENCRYPTED_PARTS:
+        for p in sorted((root / part).rglob("*")) if (root / part).is_dir() else []:
+            if p.is_file() and not p.name.endswith(ENC_SUFFIX):
+                encrypt_file(str(p), str(p) + ENC_SUFFIX, key, p.relative_to(root).as_posix())
+                p.unlink()
+
+
+def decrypt_weights(folder: str, key: bytes, prefix: str = "") -> None:
+    """Decrypt every `NAME.enc` under `folder` in place; `prefix` is the folder's path inside its checkpoint
+    (`adapter/` for a copied adapter), which each file was encrypted with."""
+    root = Path(folder)
+    for p in sorted(root.rglob("*" + ENC_SUFFIX)):
+        plain = p.with_name(p.name[: -len(ENC_SUFFIX)])
+        decrypt_file(str(p), str(plain), key, prefix + plain.relative_to(root).as_posix())
+        p.unlink()
+
+
+def is_encrypted(folder: str) -> bool:
+    return any(Path(folder).rglob("*" + ENC_SUFFIX))
+
+
+@contextlib.contextmanager
+def opened_checkpoint(path: str, key_loader: Callable[[], bytes]) -> Iterator[str]:
+    """A local checkpoint as it can be read: `path` itself, or for an encrypted one a private (0700) copy with its
+    weights decrypted (the key from `key_loader`, read only then), removed when the block ends."""
+    if not is_encrypted(path):
+        yield path
+        return
+    key = key_loader()
+    tmp = tempfile.mkdtemp(prefix="rayft-checkpoint-")
+    try:
+        shutil.copytree(path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*" + ENC_SUFFIX))
+        root = Path(path)
+        for p in sorted(root.rglob("*" + ENC_SUFFIX)):
+            rel = p.relative_to(root).as_posix()[: -len(ENC_SUFFIX)]
+            os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+            decrypt_file(str(p), os.path.join(tmp, rel), key, rel)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_rank_part(engine, local_dir: str, rank: int, world_size: int, zero_stage: int, state: dict,
-                    model_cfg_for_adapter=None) -> None:
-    """Every rank calls this with its own local folder; Ray merges the folders when it persists them."""
+                    model_cfg_for_adapter=None, key: Optional[bytes] = None) -> None:
+    """Every rank calls this with its own local folder; Ray merges the folders when it persists them. With `key`
+    (security.encrypt_artifacts) the weights and optimizer state are encrypted before the manifest lists them."""
     # Collective calls first, on every rank, in the same order.
     adapter = adapter_state_dict(engine.module, zero_stage)
     engine.save_checkpoint(os.path.join(local_dir, ENGINE_DIR), tag=ENGINE_TAG, exclude_frozen_parameters=True)
@@ -119,6 +177,8 @@ def write_rank_part(engine, local_dir: str, rank: int, world_size: int, zero_sta
         save_adapter(engine.module, adapter, os.path.join(local_dir, ADAPTER_DIR))
         _write_json(os.path.join(local_dir, STATE_FILE), dict(state, world_size=world_size, zero_stage=zero_stage))
     _write_json(os.path.join(local_dir, "rng", f"rank{rank}.json"), rng_state())
+    if key is not None:
+        encrypt_weights(local_dir, key)
     root = Path(local_dir)
     for p in sorted(root.rglob("*")):
         if p.is_file() and not p.relative_to(root).parts[0] == "manifest":
@@ -219,8 +279,16 @@ def choose_resume_checkpoint(latest: Optional[str], run_dir: Optional[str], warn
         problem = check_checkpoint(local)
         if problem is None:
             return local
-        warn(f"checkpoint {path} is not usable ({problem}); trying the previous one")
+        warn(f"checkpoint {_display_name(path)} is not usable ({problem}); trying the previous one")
     return None
+
+
+def _display_name(path: str) -> str:
+    """A checkpoint as the user knows it: Ray's temporary copy of a remote one is named by its step."""
+    if step_of(os.path.basename(path.rstrip("/"))) is not None:
+        return path
+    step = _step_in(path)
+    return f"{checkpoint_dir_name(step)} (Ray's copy in {path})" if step is not None else path
 
 
 def _step_in(path: str) -> Optional[int]:
