@@ -9,8 +9,9 @@ from .config import TrainConfig
 
 
 def build_engine(model_cfg: ModelConfig, train: TrainConfig, warmup_steps: int, total_steps: int, device,
-                 log: Callable[[str], None] = print):
-    """Base model + LoRA + AdamW + warmup/decay schedule in a DeepSpeed engine (ZeRO stage from the config)."""
+                 log: Callable[[str], None] = print, security=None):
+    """Base model + LoRA + AdamW + warmup/decay schedule in a DeepSpeed engine (ZeRO stage from the config); the
+    base is opened with the run's `security` settings."""
     import deepspeed
     import torch
 
@@ -25,7 +26,8 @@ def build_engine(model_cfg: ModelConfig, train: TrainConfig, warmup_steps: int, 
     check_quantization(model_cfg, train)
     dtype = choose_dtype(model_cfg, train.use_gpu)
     model = build_peft_model(model_cfg, train, dtype, log=log,
-                             device_map={"": device} if model_cfg.quantization != "none" else None)
+                             device_map={"": device} if model_cfg.quantization != "none" else None,
+                             security=security)
     schedule = lr_lambda(train.lr_schedule, warmup_steps, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],

@@ -56,6 +56,7 @@ class WorkerState:
     eval_rows: Any  # None when the run has no eval split
     say: Callable[[Any], None]
     process: Any  # psutil.Process, for the memory metrics
+    security: Any = None  # the run's SecurityConfig: how the base is opened, whether checkpoints are encrypted
     progress: Progress = field(default_factory=Progress)
     start_step: int = 0  # where this attempt started: the ETA and the report count from here
     last_saved: Optional[str] = None  # the newest checkpoint known to be intact, for error messages
@@ -113,6 +114,7 @@ def setup(config: dict) -> WorkerState:
 
     from rayft.data.storage import StorageConfig, apply_storage_settings
     from rayft.models.config import ModelConfig
+    from rayft.security.config import SecurityConfig
 
     from .config import TrainConfig
     from .engine import build_engine
@@ -121,18 +123,20 @@ def setup(config: dict) -> WorkerState:
     apply_storage_settings(StorageConfig.model_validate(config.get("storage") or {}))
     model_cfg = ModelConfig.model_validate(config["model"])
     train = TrainConfig.model_validate(config["train"])
+    # The run's security section (the key itself is read on this node, from key_env or key_file, never passed).
+    security = SecurityConfig.model_validate(config.get("security") or {})
     plan = config["plan"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     say = _messenger(config.get("progress"), rank)
     device = torch.device("cuda", ctx.get_local_rank()) if train.use_gpu else torch.device("cpu")
     engine = build_engine(model_cfg, train, plan["warmup_steps"], plan["total_steps"], device,
-                          log=say if rank == 0 else (lambda _: None))
+                          log=say if rank == 0 else (lambda _: None), security=security)
     return WorkerState(
         train=train, plan=plan, run_dir=config["run_dir"], tracking=config.get("tracking"), rank=rank, world=world,
         device=device, engine=engine, train_rows=ray.train.get_dataset_shard("train"),
         eval_rows=ray.train.get_dataset_shard("eval") if plan["has_eval"] else None, say=say,
-        process=psutil.Process())
+        process=psutil.Process(), security=security)
 
 
 # ------------------------------------------------------------------------------------------ resume

@@ -44,11 +44,16 @@ def check_quantization(model: ModelConfig, train: TrainConfig) -> None:
 
 
 def build_peft_model(model_cfg: ModelConfig, train: TrainConfig, dtype: str, log: Callable[[str], None] = print,
-                     device_map=None):
-    """Base model + LoRA adapter, ready for the engine. Prints trainable / total parameters."""
+                     device_map=None, security=None):
+    """Base model + LoRA adapter, ready for the engine. Prints trainable / total parameters. The base is opened
+    with the run's `security` settings (manifest check, decryption, pickle weights only when allowed)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    base = load_base_model(model_cfg, dtype, device_map)
+    from rayft.security.artifacts import opened_for_load
+
+    with opened_for_load(model_cfg.name_or_path, security) as path:
+        base = load_base_model(model_cfg.model_copy(update={"name_or_path": path}), dtype, device_map,
+                               allow_pickle=bool(security and security.allow_pickle_weights))
     if model_cfg.quantization != "none":
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=train.gradient_checkpointing)
     elif train.gradient_checkpointing:

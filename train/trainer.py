@@ -265,6 +265,9 @@ def build_trainer(run: FitRun, cfg, data: TrainingData, *, resume: bool, callbac
             "run_dir": run.run_dir, "progress": progress, "require_resume": resume,
             # The endpoint (never the keys) travels with the workers: they list and read the run folder themselves.
             "storage": cfg.storage.model_dump(mode="json"),
+            # So does the security section (pickle weights, manifests, checkpoint encryption): where the artifact
+            # key is (key_env, key_file), never the key.
+            "security": cfg.security.model_dump(mode="json"),
         },
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker,
