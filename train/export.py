@@ -107,6 +107,7 @@ def _export_into(run: dict, model_cfg: ModelConfig, security: SecurityConfig, so
     adapter_out = os.path.join(out_dir, "adapter")
     shutil.rmtree(adapter_out, ignore_errors=True)
     storage.download_dir(source, adapter_out)
+    _decrypt_checkpoint_adapter(adapter_out, security)
     tokenizer = _load_tokenizer(model_cfg, security)
     # The export carries the chat template the model was trained with, so a server renders chats exactly as
     # training did (the data config's template, else the tokenizer's own, else rayft's default layout).
@@ -114,21 +115,37 @@ def _export_into(run: dict, model_cfg: ModelConfig, security: SecurityConfig, so
                                or DEFAULT_CHAT_TEMPLATE)
     tokenizer.save_pretrained(adapter_out)
     log(f"adapter from {source} -> {adapter_out}")
+    # Each folder gets its manifest (and encryption) once nothing more is written into it; the merge then reads
+    # the adapter back through the same checks as any loader.
+    _finish(adapter_out, security, log)
     result = ExportResult(adapter_out, None, None, None)
     if merge:
         merged_out = os.path.join(out_dir, "merged")
         diff, tol = merge_adapter(model_cfg, adapter_out, merged_out, tokenizer, security)
         log(f"merged model -> {merged_out} (logits vs base+adapter: max |diff| {diff:.2e} <= {tol:.2e})")
+        _finish(merged_out, security, log)
         result = ExportResult(adapter_out, merged_out, diff, tol)
-    # Last: the manifest (and encryption) once nothing more is written into the folders.
-    for folder in filter(None, (adapter_out, result.merged_dir)):
-        encrypted = finish_export(folder, security)
-        log(f"{folder}: manifest written" + (f", encrypted with AES-256-GCM (key from {security.key_source()})"
-                                             if encrypted else ""))
     if register:
         result.registered = register_export(run, result, register)
         log(f"registered {register} version {result.registered.version} ({'merged' if merge else 'adapter'})")
     return result
+
+
+def _finish(folder: str, security: SecurityConfig, log: Callable[[str], None]) -> None:
+    encrypted = finish_export(folder, security)
+    log(f"{folder}: manifest written" + (f", encrypted with AES-256-GCM (key from {security.key_source()})"
+                                         if encrypted else ""))
+
+
+def _decrypt_checkpoint_adapter(folder: str, security: SecurityConfig) -> None:
+    """A checkpoint's adapter written with security.encrypt_artifacts, decrypted in the export folder; the
+    export is encrypted again at its end (finish_export)."""
+    from rayft.security.config import load_key
+
+    from .checkpoint import decrypt_weights, is_encrypted
+
+    if is_encrypted(folder):
+        decrypt_weights(folder, load_key(security), prefix=f"{ADAPTER_DIR}/")
 
 
 def register_export(run: dict, result: ExportResult, name: str):

@@ -151,11 +151,14 @@ def resume(state: WorkerState, required: bool) -> None:
     """
     import ray.train
 
+    from rayft.security.config import load_key
+
     from .checkpoint import (
         ENGINE_DIR,
         ENGINE_TAG,
         checkpoint_dir_name,
         choose_resume_checkpoint,
+        opened_checkpoint,
         read_state,
         set_rng_state,
     )
@@ -176,7 +179,10 @@ def resume(state: WorkerState, required: bool) -> None:
                     f"{path} was written by {saved['world_size']} workers and this run has {state.world}; the data "
                     f"order and DeepSpeed state depend on it. Set train.num_workers: {saved['world_size']} or use a "
                     f"new run name")
-            state.engine.load_checkpoint(os.path.join(path, ENGINE_DIR), tag=ENGINE_TAG, load_module_strict=False)
+            # An encrypted checkpoint is read from a private decrypted copy, removed once the engine has it.
+            with opened_checkpoint(path, lambda: load_key(state.security)) as plain:
+                state.engine.load_checkpoint(os.path.join(plain, ENGINE_DIR), tag=ENGINE_TAG,
+                                             load_module_strict=False)
             for name in (f.name for f in fields(Progress) if f.name in saved):
                 setattr(state.progress, name, saved[name])
             with open(os.path.join(path, "rng", f"rank{state.rank}.json")) as f:
@@ -375,15 +381,19 @@ def save_checkpoint(state: WorkerState, metrics: dict) -> None:
     into `<run_dir>/checkpoint_step<N>`."""
     import ray.train
 
+    from rayft.security.config import load_key
+
     from .checkpoint import checkpoint_dir_name, write_rank_part
 
     step = state.progress.global_step
+    # Encrypted before Ray copies the part to the storage: the plaintext only ever sits in this private folder.
+    key = load_key(state.security) if state.security and state.security.encrypt_artifacts else None
     local = tempfile.mkdtemp(prefix=f"rayft-ckpt-r{state.rank}-")
     name = checkpoint_dir_name(step)
     try:
         try:
             write_rank_part(state.engine, local, state.rank, state.world, state.train.deepspeed.zero_stage,
-                            asdict(state.progress))
+                            asdict(state.progress), key=key)
         except OSError as e:
             raise WorkerError(f"cannot write checkpoint step {step} to the local folder "
                               f"{local} ({e}); free space in {tempfile.gettempdir()}") from e

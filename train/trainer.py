@@ -189,7 +189,7 @@ def fit(cfg, data: TrainingData, *, resume: bool = False, log: Callable[[str], N
                   extra_params=extra_params)
     _write_run_file(run.run_dir, _run_record(run, "running"))
     result = run_trainer(run, cfg, data, resume=resume, callbacks=callbacks, log=log)
-    checkpoint, adapter_dir = collect_adapter(run, result)
+    checkpoint, adapter_dir = collect_adapter(run, result, cfg.security)
     metrics = dict(result.metrics or {})
     registered = finish_tracking(run, cfg, adapter_dir, metrics, time.time() - t_start, register=register, log=log)
     _write_run_file(run.run_dir, _run_record(run, "finished", adapter=adapter_dir, checkpoint=checkpoint,
@@ -314,15 +314,28 @@ def run_trainer(run: FitRun, cfg, data: TrainingData, *, resume: bool, callbacks
     return result
 
 
-def collect_adapter(run: FitRun, result) -> tuple[Optional[str], Optional[str]]:
+def collect_adapter(run: FitRun, result, security=None) -> tuple[Optional[str], Optional[str]]:
     """(best checkpoint, its adapter copied to <run_dir>/adapter); the best has the lowest eval loss, else it
-    is the latest. Both None when the run saved no checkpoint. A folder and a bucket prefix work alike."""
+    is the latest. Both None when the run saved no checkpoint. A folder and a bucket prefix work alike.
+
+    The copy is finished as an export is: a manifest (anchored in the registry when it is logged) and, with
+    security.encrypt_artifacts, encryption; an encrypted checkpoint's adapter is decrypted in a private folder."""
+    from rayft.security.artifacts import finish_export
+    from rayft.security.config import load_key
+
+    from .checkpoint import decrypt_weights, is_encrypted
+
     adapter_dir = storage.join(run.run_dir, "adapter")
     storage.delete_dir(adapter_dir)
     found = best_and_latest(run.run_dir)
     chosen = found["best"] or found["latest"]
     if chosen:
-        storage.copy_dir(storage.join(chosen, ADAPTER_DIR), adapter_dir)
+        with tempfile.TemporaryDirectory(prefix="rayft-adapter-") as local:
+            storage.download_dir(storage.join(chosen, ADAPTER_DIR), local)
+            if is_encrypted(local):
+                decrypt_weights(local, load_key(security), prefix=f"{ADAPTER_DIR}/")
+            finish_export(local, security)
+            storage.upload_dir(local, adapter_dir)
     return chosen, (adapter_dir if chosen is not None else None)
 
 
@@ -349,6 +362,10 @@ def finish_tracking(run: FitRun, cfg, adapter_dir: Optional[str], metrics: dict,
             "eval_loss": metrics.get("eval_loss"), "duration_s": round(duration_s, 1),
             "git_commit": git_commit(os.getcwd())})
         log(f"registered {registered.name} version {registered.version}")
+    else:  # not registered (a search's trial): `runs:/<id>/adapter` is anchored all the same
+        from rayft.registry.versions import anchor_artifact
+
+        anchor_artifact(uri, run_id, "adapter")
     _finish_mlflow(uri, run_id, "FINISHED")
     return registered
 
