@@ -442,7 +442,15 @@ class ProgressPrinter:
 
         try:
             msg = self.queue.get(block=block, timeout=0.5 if block else None)
-        except (Empty, Exception):
+        except Empty:
+            return
+        except Exception as e:  # noqa: BLE001 - the queue's actor is gone (its node died, or it was killed)
+            # Progress lines stop; training itself does not depend on them. Said once, and the thread ends
+            # instead of failing again every half second.
+            if not self._stop.is_set():
+                self.log(f"warning: no more progress lines: the progress queue failed ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}); training goes on")
+            self._stop.set()
             return
         if isinstance(msg, dict) and "step" in msg:
             done = msg["step"] - msg["start_step"]
