@@ -80,7 +80,7 @@ def run_quickstart(workdir: str, port: Optional[int] = None, fresh: bool = True,
             return _pipeline_serve_chat(cfg, model_dir, port, t0, log)
         except StopRequested as e:
             log(f"{e.signal_name} received: stopping")
-            stop_server("rayft", 30.0, log)
+            stop_server("rayft", cfg.serve.graceful_shutdown_s, log)
             return 0
         finally:
             if ray.is_initialized():  # after a graceful stop Ray is already down (serve.shutdown would start one)
