@@ -351,7 +351,7 @@ def finish_tracking(run: FitRun, cfg, adapter_dir: Optional[str], metrics: dict,
         c.log_artifacts(run_id, storage.download_dir(adapter_dir, local), artifact_path="adapter")
     c.log_metric(run_id, "duration_s", duration_s)
     registered = None
-    model_name = cfg.name if cfg.tracking.register_model is None else cfg.tracking.register_model
+    model_name = cfg.registered_model_name
     if model_name and register:
         from rayft.registry.tracking import git_commit
         from rayft.registry.versions import register_version
