@@ -5,12 +5,15 @@ are stopped by the process ids of what they started (found by their private temp
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -187,3 +190,17 @@ class LocalCluster:
         _kill(pids)
         left = [p for p in pids if _alive(p)]
         assert not left, f"processes still alive after SIGKILL: {left}"
+
+
+@contextlib.contextmanager
+def two_node_cluster(prefix: str):
+    """A started LocalCluster under a short temp dir (Ray's unix socket paths have a length limit), stopped and
+    removed at the end."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    c = LocalCluster(root)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,20 +17,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from tests.cluster_helpers import _free_ports
+
 ACCESS_KEY, SECRET_KEY = "rayft-test-key", "rayft-test-secret"
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class S3Server:

@@ -19,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cluster_helpers import LocalCluster, _children_of, _free_ports
+from tests.cluster_helpers import _children_of, _free_ports, two_node_cluster
 from tests.s3_server import ACCESS_KEY, SECRET_KEY
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -40,14 +39,8 @@ BUCKET = "rayft-e2e"
 
 @pytest.fixture(scope="module")
 def cluster():
-    root = Path(tempfile.mkdtemp(prefix="rfs-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    c = LocalCluster(root)
-    try:
-        c.start()
+    with two_node_cluster("rfs-") as c:
         yield c
-    finally:
-        c.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

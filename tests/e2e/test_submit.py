@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster_helpers import LocalCluster, _run
+from tests.cluster_helpers import _run, two_node_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -50,14 +48,8 @@ JOB_TIMEOUT_S = 420
 
 @pytest.fixture(scope="module")
 def cluster():
-    root = Path(tempfile.mkdtemp(prefix="rfj-", dir="/tmp"))  # short: Ray's unix socket paths have a length limit
-    c = LocalCluster(root)
-    try:
-        c.start()
+    with two_node_cluster("rfj-") as c:
         yield c
-    finally:
-        c.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _job_args(command: tuple, model_dir: str, storage: Path) -> list[str]:
