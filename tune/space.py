@@ -116,16 +116,8 @@ RESOURCE_FIELDS = ("train.num_workers", "train.cpus_per_worker")
 
 def largest_value(domain, space: dict) -> float:
     """The largest value a domain can give (a `times:` rule: its factor times the largest of the field it names)."""
-    if isinstance(domain, Choice):
-        return max(domain.choice)
-    if isinstance(domain, Grid):
-        return max(domain.grid)
-    if isinstance(domain, Uniform):
-        return max(domain.uniform)
-    if isinstance(domain, LogUniform):
-        return max(domain.loguniform)
-    if isinstance(domain, RandInt):
-        return max(domain.randint)
+    if not isinstance(domain, Times):
+        return max(_probe_values(domain))
     ref = next(d for k, d in space.items() if canonical_key(k) == canonical_key(domain.times))
     return domain.factor * largest_value(ref, space)
 
