@@ -52,8 +52,8 @@ class WorkerState:
     world: int
     device: Any
     engine: Any
-    train_rows: Any  # this worker's ray.data iterator over the (unsplit) training rows
-    eval_rows: Any  # None when the run has no eval split
+    train_rows: Any  # this rank's ray.data iterator over its own fixed shard of the training rows (shards.py)
+    eval_rows: Any  # this rank's shard of the eval rows; None when the run has no eval split
     say: Callable[[Any], None]
     process: Any  # psutil.Process, for the memory metrics
     security: Any = None  # the run's SecurityConfig: how the base is opened, whether checkpoints are encrypted
@@ -118,6 +118,7 @@ def setup(config: dict) -> WorkerState:
 
     from .config import TrainConfig
     from .engine import build_engine
+    from .shards import shard_name
 
     # This worker may run on another node: it reaches the run folder through the same endpoint as the driver.
     apply_storage_settings(StorageConfig.model_validate(config.get("storage") or {}))
@@ -134,8 +135,8 @@ def setup(config: dict) -> WorkerState:
                           log=say if rank == 0 else (lambda _: None), security=security)
     return WorkerState(
         train=train, plan=plan, run_dir=config["run_dir"], tracking=config.get("tracking"), rank=rank, world=world,
-        device=device, engine=engine, train_rows=ray.train.get_dataset_shard("train"),
-        eval_rows=ray.train.get_dataset_shard("eval") if plan["has_eval"] else None, say=say,
+        device=device, engine=engine, train_rows=ray.train.get_dataset_shard(shard_name("train", rank)),
+        eval_rows=ray.train.get_dataset_shard(shard_name("eval", rank)) if plan["has_eval"] else None, say=say,
         process=psutil.Process(), security=security)
 
 
@@ -204,15 +205,13 @@ def finished(state: WorkerState) -> bool:
 def micro_batches(state: WorkerState, skip: int):
     """This rank's micro batches of one epoch, from the `skip`-th on.
 
-    Every rank reads the same ordered rows and keeps every world-th one: a deterministic shard, so a resumed
-    run sees exactly the rows it would have seen.
+    Each rank reads only its own fixed shard of the ordered rows (train/shards.py): every shard has the same length,
+    and a resumed run, which cuts the same shards, sees exactly the rows it would have seen.
     """
-    rank, world = state.rank, state.world
-    rows_per_read = state.train.micro_batch_size * world
-    for i, rows in enumerate(state.train_rows.iter_batches(batch_size=rows_per_read, batch_format="numpy",
-                                                           drop_last=True)):
+    for i, rows in enumerate(state.train_rows.iter_batches(batch_size=state.train.micro_batch_size,
+                                                           batch_format="numpy", drop_last=True)):
         if i >= skip:
-            yield {k: v[rank::world] for k, v in rows.items()}
+            yield rows
 
 
 def train_step(state: WorkerState, window: list) -> StepResult:
@@ -309,23 +308,33 @@ def evaluate(state: WorkerState) -> dict:
     import torch
 
     from .loss import count_loss_tokens
+    from .shards import eval_forwards
 
-    rank, world = state.rank, state.world
     state.engine.eval()
     loss_sum = tokens = 0.0
+    forwards = 0
     with torch.no_grad():
-        for rows in state.eval_rows.iter_batches(batch_size=state.train.micro_batch_size * world,
-                                                 batch_format="numpy"):
-            mine = {k: v[rank::world] for k, v in rows.items()}
-            weight = 1.0
-            if len(mine["input_ids"]) == 0:  # ZeRO-3 forwards are collective: every rank must run one
-                mine, weight = {k: v[:1] for k, v in rows.items()}, 0.0
-            loss_sum += weight * float(token_loss_sum(state, mine))
-            tokens += weight * sum(count_loss_tokens(labels) for labels in mine["labels"])
+        for rows in state.eval_rows.iter_batches(batch_size=state.train.micro_batch_size, batch_format="numpy"):
+            loss_sum += float(token_loss_sum(state, rows))
+            tokens += sum(count_loss_tokens(labels) for labels in rows["labels"])
+            forwards += 1
+        # ZeRO-3 forwards are collective: a rank whose eval shard holds fewer batches runs as many forwards as the
+        # longest shard, on a one-token row without labels whose result is not counted.
+        for _ in range(eval_forwards(state.plan["eval_rows"], state.world, state.train.micro_batch_size) - forwards):
+            token_loss_sum(state, _padding_rows(state.plan["pad_token_id"]))
     state.engine.train()
     loss_sum, tokens = all_sum(state, loss_sum, tokens)
     loss = loss_sum / max(tokens, 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+
+
+def _padding_rows(pad_token_id: int) -> dict:
+    import numpy as np
+
+    from rayft.data.pack import IGNORE_INDEX
+
+    return {"input_ids": np.array([[pad_token_id]]), "labels": np.array([[IGNORE_INDEX]]),
+            "position_ids": np.array([[0]])}
 
 
 def observe_eval_loss(state: WorkerState, eval_loss: float) -> None:

@@ -125,7 +125,8 @@ class TrainingData:
 
 def plan_for(train: TrainConfig, data: "TrainingData") -> dict:
     plan = plan_steps(train, data.train.count())
-    plan.update({"pad_token_id": data.pad_token_id, "packed": data.packed, "has_eval": data.eval is not None})
+    plan.update({"pad_token_id": data.pad_token_id, "packed": data.packed, "has_eval": data.eval is not None,
+                 "eval_rows": data.eval.count() if data.eval is not None else 0})
     return plan
 
 
@@ -251,12 +252,12 @@ def build_trainer(run: FitRun, cfg, data: TrainingData, *, resume: bool, callbac
     from ray.train.torch import TorchTrainer
 
     from .loop import train_loop_per_worker
+    from .shards import shard_datasets
 
     train = cfg.train
     storage_path, storage_fs = storage.train_storage(run.storage)
-    datasets = {"train": data.train}
-    if data.eval is not None:
-        datasets["eval"] = data.eval
+    # One fixed shard of the ordered rows per rank: each worker reads its own rows only (shards.py).
+    datasets = shard_datasets(data.train, data.eval, train.num_workers)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -280,8 +281,8 @@ def build_trainer(run: FitRun, cfg, data: TrainingData, *, resume: bool, callbac
             failure_config=FailureConfig(max_failures=train.max_failures),
         ),
         datasets=datasets,
-        # Not split by Ray: every worker reads the same ordered rows and keeps its own every world-th one
-        # (see loop.py), which makes the data order exactly reproducible on resume.
+        # Not split again by Ray (its streaming_split differs from run to run): the shards are cut above, so the
+        # data order is exactly reproducible on resume.
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
 
