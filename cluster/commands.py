@@ -33,6 +33,8 @@ COMMANDS: tuple[Command, ...] = (
             submittable=True),
     Command("models", "models", "the model registry: list, promote, rollback, delete",
             ("list", "promote", "rollback", "delete")),
+    Command("eval", "evaluate", "task metrics on a golden set for a model, or two compared (paired bootstrap)",
+            submittable=True),
     Command("export", "training", "write a run's adapter, and with --merge the merged model"),
     Command("serve", "serve", "OpenAI-compatible endpoint on Ray Serve (merged model, or base + LoRA adapters)",
             submittable=True),

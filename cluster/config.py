@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rayft.data.config import DataConfig
 from rayft.data.storage import StorageConfig
+from rayft.eval.config import EvalConfig
 from rayft.models.config import ModelConfig
 from rayft.registry.config import TrackingConfig
 from rayft.security.config import SecurityConfig
@@ -51,6 +52,9 @@ class RayftConfig(BaseModel):
     ray: RayConfig = Field(default_factory=RayConfig)
     train: TrainConfig = Field(default_factory=TrainConfig, description="Distributed LoRA training (train/config.py).")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry.")
+    eval: EvalConfig = Field(
+        default_factory=EvalConfig, description="Task metrics on a golden set: `rayft eval`, a search's task metric, "
+        "the `better_metric` promotion policy (eval/config.py).")
     tune: Optional[TuneConfig] = Field(
         default=None, description="Hyperparameter search (tune/config.py); unset: `rayft tune` refuses the config."
     )

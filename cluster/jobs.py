@@ -150,7 +150,7 @@ def stage_package(dest: Path) -> Path:
 
 
 # The subpackages of rayft that a job needs (examples carries the sample data the shipped configs name).
-PACKAGES = ("cluster", "data", "models", "registry", "security", "serve", "train", "tune", "examples")
+PACKAGES = ("cluster", "data", "eval", "models", "registry", "security", "serve", "train", "tune", "examples")
 
 
 def build_entrypoint(config_file: str, command: list[str], root: Path) -> tuple[str, str]:

@@ -13,10 +13,11 @@ ALLOWED = {
     "security": set(),
     "models": {"security"},
     "registry": {"security"},
-    "train": {"data", "security", "models", "registry"},
-    "tune": {"train", "registry", "models", "data", "security"},
+    "eval": {"data", "models", "registry"},
+    "train": {"data", "security", "models", "registry", "eval"},
+    "tune": {"train", "eval", "registry", "models", "data", "security"},
     "serve": {"models", "registry", "security"},
-    "cluster": {"data", "security", "models", "registry", "train", "tune", "serve", "examples"},
+    "cluster": {"data", "security", "models", "registry", "eval", "train", "tune", "serve", "examples"},
 }
 
 

@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
-PACKAGES = ("cluster", "data", "models", "registry", "security", "serve", "train", "tune")
+PACKAGES = ("cluster", "data", "eval", "models", "registry", "security", "serve", "train", "tune")
 
 
 def test_examples_paths_named_in_the_code_exist():
