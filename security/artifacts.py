@@ -309,6 +309,19 @@ def check_for_load(path: str, security: Optional[SecurityConfig] = None) -> Opti
     return verify_manifest(path, load_key(security) if manifest.get("encryption") else None)
 
 
+def prepared_for_load(path: str, private_dir: str, security: Optional[SecurityConfig] = None) -> str:
+    """`opened_for_load` for a reader that needs the files for longer than a `with` block (a vLLM replica reads its
+    model at start and its adapters on demand): `path` itself when it is checked and not encrypted, else its
+    decrypted copy under `private_dir` (a 0700 folder the caller owns and removes when it stops)."""
+    security = security or SecurityConfig()
+    manifest = check_for_load(path, security)
+    if manifest is None or not manifest.get("encryption"):
+        return path
+    os.makedirs(private_dir, mode=0o700, exist_ok=True)
+    dst = tempfile.mkdtemp(prefix="decrypted-", dir=private_dir)  # 0700 as well
+    return _decrypt_verified(path, dst, load_key(security), manifest)
+
+
 @contextlib.contextmanager
 def opened_for_load(path: str, security: Optional[SecurityConfig] = None) -> Iterator[str]:
     """A folder rayft may load from: `path` itself (checked) or a private decrypted copy, removed afterwards.

@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import signal
 import threading
 import time
@@ -29,12 +28,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from .config import ServeConfig
+from .config import ServeConfig, ServeStartError
+from .gate import DEFAULT_VERSION, VERSION_HEADER, Gate, served_name
 from .schemas import APIError, ChatRequest, CompletionRequest, openapi_request_body, parse_request
 
 log = logging.getLogger("rayft.serve")
-VERSION_HEADER = "x-rayft-model-version"
-DEFAULT_VERSION = "default"
 
 api = FastAPI(title="rayft", docs_url=None, redoc_url=None)
 
@@ -76,10 +74,6 @@ class _Job:
 
 
 _END = object()
-
-
-def served_name(cfg: ServeConfig, model_path: str) -> str:
-    return cfg.model_name or os.path.basename(os.path.normpath(model_path)) or "model"
 
 
 class _Metrics:
@@ -125,21 +119,15 @@ class _Metrics:
 class OpenAIServer:
     def __init__(self, serve_cfg: dict, model_path: str, tracking_uri: Optional[str] = None,
                  security_cfg: Optional[dict] = None, submitted_by: Optional[str] = None):
-        from rayft.security.access import AuditLog, load_policy
         from rayft.security.config import SecurityConfig
 
         from .adapters import find_adapters
-        from .auth import KeyStore
         from .engine import Engine, set_threads
         from .sources import resolve
 
         cfg = ServeConfig.model_validate(serve_cfg)
         self.cfg = cfg
-        # Resolved by the driver (build_app): the policy and audit paths do not depend on the replica's environment.
         self.security = SecurityConfig.model_validate(security_cfg or {})
-        self.policy = load_policy(self.security.policy_file) if self.security.policy_file else None
-        # `submitted_by`: who submitted the job that deployed this app (rayft submit), recorded in every audit line.
-        self.audit = AuditLog(self.security.audit_log, submitted_by) if self.security.audit_log else None
         set_threads(cfg.torch_threads or max(1, int(cfg.num_cpus_per_replica)))
         self._resolve = lambda uri: resolve(uri, tracking_uri)
         self.name = served_name(cfg, model_path)
@@ -151,17 +139,10 @@ class OpenAIServer:
         self.engines = {DEFAULT_VERSION: Engine(
             self._resolve(model_path), adapters=cfg.adapters, adapters_dir=cfg.adapters_dir,
             adapter_cache_size=cfg.adapter_cache_size, on_cache_event=self.metrics.cache_event, **common)}
-        self.ab = cfg.ab_split
-        if self.ab:
-            for v in self.ab.versions:
+        if cfg.ab_split:
+            for v in cfg.ab_split.versions:
                 self.engines[v.label] = Engine(self._resolve(v.model), **common)
-        self.catalogue = find_adapters(cfg.adapters, cfg.adapters_dir)
-        self.rng = random.Random(cfg.seed)
-        keys_file = cfg.api_keys_file or os.environ.get("RAYFT_API_KEYS_FILE")
-        self.keys = KeyStore.from_file(keys_file) if keys_file else None
-        if cfg.require_api_keys and self.keys is None:
-            raise ValueError("serve.require_api_keys is true but no keys file is set (serve.api_keys_file)")
-        self.inflight = 0
+        self.gate = Gate(cfg, self.name, find_adapters(cfg.adapters, cfg.adapters_dir), security_cfg, submitted_by)
         self.generate_batch.set_max_batch_size(cfg.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
@@ -216,23 +197,13 @@ class OpenAIServer:
 
     @api.get("/v1/models")
     async def models(self, request: Request):
-        who = self._auth(request)
-        created = int(time.time())
-        data = [{"id": self.name, "object": "model", "created": created, "owned_by": "rayft", "parent": None}]
-        for name in sorted(self.catalogue):
-            if who is None or who.may_use(name):
-                data.append({"id": f"{self.name}:{name}", "object": "model", "created": created,
-                             "owned_by": "rayft", "parent": self.name})
-        if self.ab:
-            data.append({"id": self.ab.name, "object": "model", "created": created, "owned_by": "rayft",
-                         "parent": None, "versions": {v.label: v.weight for v in self.ab.versions}})
-        return {"object": "list", "data": data}
+        return self.gate.models(self._auth(request))
 
     @api.get("/v1/stats")
     async def stats(self, request: Request):
         self._auth(request)
         eng = self.engines[DEFAULT_VERSION]
-        return {"model": self.name, "inflight": self.inflight,
+        return {"model": self.name, "inflight": self.gate.inflight,
                 "adapter_cache": eng.cache.stats.as_dict() if eng.cache else None,
                 "adapters_loaded": list(eng.cache.loaded) if eng.cache else [],
                 "quantization_agreement": {k: e.agreement for k, e in self.engines.items()},
@@ -250,25 +221,18 @@ class OpenAIServer:
 
     # -- one request --------------------------------------------------------------------------------------
     async def _serve(self, request: Request, chat: bool):
-        try:
-            who = self._auth(request)
-        except APIError as e:
-            self._record_infer(False, None, request.url.path, f"HTTP {e.status}: {e.code}")
-            raise
+        who = self.gate.admit(request.headers.get("authorization"), request.url.path)
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
             raise APIError(400, "the request body is not valid JSON; send a JSON object with model and "
                            + ("messages" if chat else "prompt")) from None
         req = parse_request(ChatRequest if chat else CompletionRequest, body)
-        version, adapter = self._route(req.model)
-        self._check_infer(who, req.model, adapter)
+        version, adapter = self.gate.route(req.model)
+        self.gate.check_infer(who, req.model, adapter)
         gen = self._gen_request(req, chat, version, adapter)
-        if self.inflight >= self.cfg.max_ongoing_requests:
-            raise APIError(503, f"the replica is at serve.max_ongoing_requests={self.cfg.max_ongoing_requests}; "
-                           f"retry after {self.cfg.retry_after_s} s", code="overloaded",
-                           headers={"Retry-After": str(self.cfg.retry_after_s)})
-        self.inflight += 1
+        self.gate.check_capacity()
+        self.gate.inflight += 1
         job = _Job(version, gen, asyncio.Queue())
         task = asyncio.ensure_future(self.generate_batch(job))
         task.add_done_callback(self._finished)  # counts down even if the client goes away
@@ -359,65 +323,12 @@ class OpenAIServer:
             self.metrics.tokens(n, job.version, job.req.adapter)
 
     def _finished(self, task) -> None:
-        self.inflight -= 1
+        self.gate.inflight -= 1
         if not task.cancelled() and task.exception() is not None:
             log.error("batch failed: %s", task.exception())
 
-    # -- checks -------------------------------------------------------------------------------------------
-    def _check_infer(self, who, target: str, adapter: Optional[str]) -> None:
-        """The access decision of one inference request (the key's adapters, then the policy's role for its
-        tenant): one audit line, allowed or denied, then a 403 when denied."""
-        from rayft.security.access import decide
-
-        tenant = who.tenant if who is not None else "anonymous"  # no keys: loopback only
-        if who is not None and not who.may_use(adapter):
-            self._record_infer(False, tenant, target, "the API key is not bound to this adapter")
-            what = f"adapter {adapter!r}" if adapter else f"model {self.name!r} without an adapter"
-            raise APIError(403, f"this API key (tenant {who.tenant!r}) may not use {what}; ask for access or use "
-                           f"one of its adapters", param="model", code="adapter_not_allowed")
-        if self.policy is None and self.audit is None:
-            return
-        decision = decide(self.policy, tenant, "infer", target, kind="tenant")
-        if self.audit is not None:
-            self.audit.record(decision, "server")
-        if not decision.allowed:
-            raise APIError(403, f"tenant {tenant!r} (role {decision.role or 'none'}) may not run inference on this "
-                           f"endpoint under its access policy; ask the endpoint's admin to give the tenant a role that "
-                           f"allows `infer`", param="model", code="action_not_allowed")
-
-    def _record_infer(self, allowed: bool, tenant: Optional[str], target: str, reason: str) -> None:
-        """Audit a decision made before the policy (authentication, key bindings). Never the key itself."""
-        if self.audit is None:
-            return
-        from rayft.security.access import Decision
-
-        policy = self.policy.path if self.policy else None
-        role = self.policy.role_of(tenant, "tenant") if (self.policy and tenant) else None
-        self.audit.record(Decision(allowed, tenant or "-", "tenant", role, "infer", target, reason, policy), "server")
-
     def _auth(self, request: Request):
-        if self.keys is None:
-            return None
-        return self.keys.authenticate(request.headers.get("authorization"))
-
-    def _route(self, model: str) -> tuple[str, Optional[str]]:
-        """`model` -> (version, adapter). Unknown names are 404s; never a fallback to the base."""
-        if self.ab and model == self.ab.name:
-            versions = self.ab.versions
-            pick = self.rng.choices([v.label for v in versions], weights=[v.weight for v in versions])[0]
-            return pick, None
-        if model == self.name:
-            return DEFAULT_VERSION, None
-        base, sep, adapter = model.partition(":")
-        if sep and base == self.name:
-            if adapter in self.catalogue:
-                return DEFAULT_VERSION, adapter
-            known = ", ".join(sorted(self.catalogue)) or "none"
-            raise APIError(404, f"model {model!r}: adapter {adapter!r} is not served by this endpoint (known adapters: "
-                           f"{known}); GET /v1/models lists them", param="model", code="model_not_found")
-        served = [self.name] + ([self.ab.name] if self.ab else [])
-        raise APIError(404, f"model {model!r} is not served here (served: {', '.join(served)}, or "
-                       f"'{self.name}:<adapter>'); GET /v1/models lists them", param="model", code="model_not_found")
+        return self.gate.auth(request.headers.get("authorization"))
 
     def _gen_request(self, req, chat: bool, version: str, adapter: Optional[str]):
         from .engine import GenRequest
@@ -464,15 +375,28 @@ class OpenAIServer:
                           cancel=threading.Event())
 
 
-def build_app(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = None, security=None):
+def build_app(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = None, security=None, log=print):
     """The Serve application for this config (deployment options: replicas, autoscaling, resources).
 
-    `security` (train.security.SecurityConfig): weight checks, decryption, and the inference policy and audit log,
-    with RAYFT_POLICY_FILE / RAYFT_AUDIT_LOG resolved here, in the driver."""
+    `security` (SecurityConfig): weight checks, decryption, and the inference policy and audit log, with
+    RAYFT_POLICY_FILE / RAYFT_AUDIT_LOG resolved here, in the driver. On the vllm engine: rayft's ingress over one
+    Ray Serve LLM deployment per served version (serve/ingress.py); on the hf engine: one deployment that is both."""
+    from rayft.security.access import SUBMITTED_BY_ENV
     from rayft.security.config import SecurityConfig
 
     sec = security or SecurityConfig()
     sec = sec.model_copy(update={"policy_file": sec.resolved_policy_file, "audit_log": sec.resolved_audit_log})
+    submitted_by = os.environ.get(SUBMITTED_BY_ENV) or None
+    if cfg.resolved_engine(log) == "vllm":
+        from .adapters import find_adapters
+        from .ingress import build_ingress
+
+        name = served_name(cfg, model_path)
+        sources = {DEFAULT_VERSION: (name, model_path)}
+        for v in cfg.ab_split.versions if cfg.ab_split else []:
+            sources[v.label] = (cfg.ab_split.name, v.model)
+        return build_ingress(cfg, name, sources, find_adapters(cfg.adapters, cfg.adapters_dir), tracking_uri,
+                             sec.model_dump(), submitted_by)
     opts: dict[str, Any] = dict(
         # Serve lets a few more through than we accept so the replica itself answers 503 + Retry-After.
         max_ongoing_requests=cfg.max_ongoing_requests + 8,
@@ -487,32 +411,82 @@ def build_app(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = N
         opts["autoscaling_config"] = a.model_dump()  # our field names are Ray Serve's
     else:
         opts["num_replicas"] = cfg.num_replicas
-    from rayft.security.access import SUBMITTED_BY_ENV
-
-    return OpenAIServer.options(**opts).bind(cfg.model_dump(), model_path, tracking_uri, sec.model_dump(),
-                                             os.environ.get(SUBMITTED_BY_ENV) or None)
+    return OpenAIServer.options(**opts).bind(cfg.model_dump(), model_path, tracking_uri, sec.model_dump(), submitted_by)
 
 
-def check_sources(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = None, security=None) -> None:
+def check_sources(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = None, security=None,
+                  log=print) -> None:
     """The security checks each replica makes when it loads the model (and the A/B versions), made here first, so
     that a refusal (a tampered export, a registry copy whose manifest is not the registered one, a missing manifest
-    under require_manifest, pickle weights, a wrong key) is one error naming the file, not a failed deployment."""
+    under require_manifest, pickle weights, a wrong key) is one error naming the file, not a failed deployment.
+    On the vllm engine also: the engine arguments, and every adapter's rank against serve.max_lora_rank."""
     from rayft.security.artifacts import check_for_load
 
     from .sources import resolve
 
     for source in [model_path, *(v.model for v in (cfg.ab_split.versions if cfg.ab_split else []))]:
         check_for_load(resolve(source, tracking_uri), security)
+    if cfg.resolved_engine(log) != "vllm":
+        return
+    from .adapters import find_adapters
+    from .llm import check_engine_kwargs
+
+    check_engine_kwargs(cfg.engine_kwargs)
+    for name, uri in find_adapters(cfg.adapters, cfg.adapters_dir).items():
+        rank = adapter_rank(resolve(uri, tracking_uri), security)
+        if rank is not None and rank > cfg.max_lora_rank:
+            raise ServeStartError(f"adapter {name!r} ({uri}) has LoRA rank {rank}, above serve.max_lora_rank "
+                                  f"{cfg.max_lora_rank}; raise serve.max_lora_rank to at least {rank}, or serve it on "
+                                  f"the hf engine (serve.engine: hf)")
+
+
+def adapter_rank(path: str, security=None) -> Optional[int]:
+    """The largest LoRA rank of a PEFT adapter folder (its `r` and `rank_pattern`), after its manifest check."""
+    from rayft.security.artifacts import opened_for_load
+
+    if not os.path.isdir(path):
+        return None
+    with opened_for_load(path, security) as local:
+        config_path = os.path.join(local, "adapter_config.json")
+        if not os.path.isfile(config_path):
+            return None
+        with open(config_path) as f:
+            conf = json.load(f)
+    return max([int(conf.get("r") or 0), *(int(r) for r in (conf.get("rank_pattern") or {}).values())])
+
+
+def replica_failure(app_name: str, fallback: str) -> str:
+    """The reason a replica gave for failing to start, in one line: the last `SomeError: message` line of the
+    deployment's status message (Ray puts the replica's traceback there), else `fallback`."""
+    import re
+
+    try:
+        status = serve.status().applications.get(app_name)
+    except Exception:  # noqa: BLE001 - Serve already gone: the fallback says what we know
+        return fallback
+    texts = [status.message or ""] if status else []
+    texts += [d.message or "" for d in (status.deployments.values() if status else [])]
+    reasons = []
+    for text in texts:
+        lines = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*[\w.]*(Error|Exception|Refused)\b.*:", ln)]
+        reasons += [ln for ln in lines if not ln.startswith(("ray.exceptions.", "RayActorError", "RuntimeError: Failed"))]
+    return reasons[-1] if reasons else fallback
 
 
 def start(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = None, app_name: str = "rayft",
-          blocking: bool = False, security=None):
+          blocking: bool = False, security=None, log=print):
     """Check the sources, start Serve's HTTP proxy on cfg.host:cfg.port (once per Ray) and deploy the app;
-    returns its handle."""
-    check_sources(cfg, model_path, tracking_uri, security)
+    returns its handle. A replica that fails to start raises ServeStartError with its reason in one line."""
+    check_sources(cfg, model_path, tracking_uri, security, log)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    return serve.run(build_app(cfg, model_path, tracking_uri, security), name=app_name,
-                     route_prefix=cfg.route_prefix, blocking=blocking)
+    try:
+        return serve.run(build_app(cfg, model_path, tracking_uri, security, log), name=app_name,
+                         route_prefix=cfg.route_prefix, blocking=blocking)
+    except RuntimeError as e:
+        reason = replica_failure(app_name, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        with contextlib.suppress(Exception):
+            serve.delete(app_name, _blocking=True)
+        raise ServeStartError(f"the server could not start: {reason}") from None
 
 
 class StopRequested(BaseException):
@@ -581,7 +555,7 @@ def _serve_until_stopped(cfg: ServeConfig, model_path: str, tracking_uri: Option
                          security, app_name: str) -> int:
     import urllib.request
 
-    start(cfg, model_path, tracking_uri, app_name=app_name, security=security)
+    start(cfg, model_path, tracking_uri, app_name=app_name, security=security, log=log)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     base = f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
     name = served_name(cfg, model_path)

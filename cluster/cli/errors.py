@@ -24,6 +24,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from rayft.security.access import AccessDenied, PolicyError
     from rayft.security.artifacts import ArtifactError
     from rayft.security.config import ArtifactKeyError
+    from rayft.serve.config import ServeStartError
     from rayft.train.export import ExportError
     from rayft.train.trainer import USER_ERRORS
     from rayft.tune.space import SearchSpaceError
@@ -35,4 +36,4 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     return (UserError, ConfigError, SourceError, TemplateError, AccessDenied, PolicyError, ArtifactKeyError,
             ArtifactError, RegistryError, ExportError, LoraTargetError, SearchSpaceError, ClusterYamlError, JobError,
-            PlanError, *USER_ERRORS)
+            PlanError, ServeStartError, *USER_ERRORS)

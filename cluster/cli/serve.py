@@ -16,6 +16,8 @@ def add_serve(sub, command) -> None:
                     help="serve a LoRA adapter as <model>:NAME (repeatable)")
     sv.add_argument("--host", help="listen address (default 127.0.0.1; anything else requires --keys-file)")
     sv.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    sv.add_argument("--engine", choices=["auto", "vllm", "hf"],
+                    help="vllm (Ray Serve LLM), hf (rayft's transformers engine), auto: vllm when installed (default)")
     sv.add_argument("--keys-file", help="hashed API keys (YAML list of {sha256, tenant, adapters})")
     sv.add_argument("--tracking-uri", help="MLflow tracking/registry URI for models:/ URIs (default: the config's)")
     sv.add_argument("--hash-key", action="store_true",
@@ -41,7 +43,8 @@ def cmd_serve(args) -> int:
             raise UserError("--hash-key reads the key from stdin; pipe it in: rayft serve --hash-key < keyfile")
         print(hash_key(key))
         return 0
-    flags = {k: v for k, v in (("host", args.host), ("port", args.port), ("api_keys_file", args.keys_file)) if v is not None}
+    flags = {k: v for k, v in (("host", args.host), ("port", args.port), ("api_keys_file", args.keys_file),
+                                      ("engine", args.engine)) if v is not None}
     adapters = {}
     for item in args.adapter or []:
         name, sep, path = item.partition("=")

@@ -3,7 +3,6 @@ inference check writes one audit line per decision and never the API key."""
 import json
 import os
 import shutil
-import types
 
 import pytest
 
@@ -75,18 +74,16 @@ def test_pickle_weights_refused_by_the_engine(tiny_model_dir, tmp_path):
 
 
 def test_server_inference_decisions_are_audited(tmp_path, repo_root):
-    """The real decision method of the server on a replica's state (policy + audit log), without Ray Serve."""
-    from rayft.security.access import AuditLog, load_policy
-    from rayft.serve.app import OpenAIServer
+    """The real decision methods both ingresses use (serve/gate.py, policy + audit log), without Ray Serve."""
     from rayft.serve.auth import KeyStore, Principal, hash_key
+    from rayft.serve.config import ServeConfig
+    from rayft.serve.gate import Gate
     from rayft.serve.schemas import APIError
 
-    cls = OpenAIServer.func_or_class
     audit_path = tmp_path / "audit.jsonl"
-    replica = types.SimpleNamespace(policy=load_policy(str(repo_root / "examples" / "security" / "policy.yaml")),
-                                    audit=AuditLog(str(audit_path)), name="bot")
-    replica._record_infer = types.MethodType(cls._record_infer, replica)
-    check = types.MethodType(cls._check_infer, replica)
+    replica = Gate(ServeConfig(), "bot", {}, {"policy_file": str(repo_root / "examples" / "security" / "policy.yaml"),
+                                              "audit_log": str(audit_path)})
+    check = replica.check_infer
 
     check(Principal("acme", frozenset({"support"})), "bot:support", "support")  # tenant role: infer
     with pytest.raises(APIError) as e:
@@ -99,7 +96,7 @@ def test_server_inference_decisions_are_audited(tmp_path, repo_root):
     store = KeyStore({hash_key(secret): Principal("acme", "*")})
     with pytest.raises(APIError) as e:
         store.authenticate("Bearer " + secret[:-1] + "X")
-    replica._record_infer(False, None, "/v1/completions", f"HTTP {e.value.status}: {e.value.code}")
+    replica.record_infer(False, None, "/v1/completions", f"HTTP {e.value.status}: {e.value.code}")
     replica.audit.close()
 
     got = [json.loads(x) for x in audit_path.read_text().splitlines()]

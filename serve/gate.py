@@ -1,0 +1,133 @@
+"""What rayft checks in front of every engine, before a request reaches a model: API keys, the tenant's adapters, the
+access policy with its audit line, the model name -> (version, adapter) route with its A/B draw, and the replica's
+limit on requests in flight. Both ingresses (the vllm one in serve/ingress.py and the hf one in serve/app.py) hold one
+Gate, so the two engines answer the same 401/403/404/503s.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import Optional
+
+from .config import ServeConfig
+from .schemas import APIError
+
+VERSION_HEADER = "x-rayft-model-version"
+DEFAULT_VERSION = "default"
+
+
+def served_name(cfg: ServeConfig, model_path: str) -> str:
+    return cfg.model_name or os.path.basename(os.path.normpath(model_path)) or "model"
+
+
+class Gate:
+    def __init__(self, cfg: ServeConfig, name: str, catalogue: dict[str, str], security_cfg: Optional[dict] = None,
+                 submitted_by: Optional[str] = None, capacity: Optional[int] = None):
+        from rayft.security.access import AuditLog, load_policy
+        from rayft.security.config import SecurityConfig
+
+        from .auth import KeyStore
+
+        self.cfg, self.name, self.catalogue = cfg, name, catalogue
+        self.ab = cfg.ab_split
+        # Resolved by the driver (build_app): the policy and audit paths do not depend on the replica's environment.
+        self.security = SecurityConfig.model_validate(security_cfg or {})
+        self.policy = load_policy(self.security.policy_file) if self.security.policy_file else None
+        # `submitted_by`: who submitted the job that deployed this app (rayft submit), recorded in every audit line.
+        self.audit = AuditLog(self.security.audit_log, submitted_by) if self.security.audit_log else None
+        keys_file = cfg.api_keys_file or os.environ.get("RAYFT_API_KEYS_FILE")
+        self.keys = KeyStore.from_file(keys_file) if keys_file else None
+        if cfg.require_api_keys and self.keys is None:
+            raise ValueError("serve.require_api_keys is true but no keys file is set (serve.api_keys_file)")
+        self.rng = random.Random(cfg.seed)
+        self.inflight = 0
+        self.capacity = capacity or cfg.max_ongoing_requests
+
+    # -- who ----------------------------------------------------------------------------------------------
+    def auth(self, authorization: Optional[str]):
+        """The caller's principal (401 without a valid key when keys are on); None when keys are off."""
+        if self.keys is None:
+            return None
+        return self.keys.authenticate(authorization)
+
+    def admit(self, authorization: Optional[str], path: str):
+        """auth() for an inference route: a refusal is audited before it is raised."""
+        try:
+            return self.auth(authorization)
+        except APIError as e:
+            self.record_infer(False, None, path, f"HTTP {e.status}: {e.code}")
+            raise
+
+    # -- what ---------------------------------------------------------------------------------------------
+    def route(self, model: str) -> tuple[str, Optional[str]]:
+        """`model` -> (version, adapter). Unknown names are 404s; never a fallback to the base."""
+        if self.ab and model == self.ab.name:
+            versions = self.ab.versions
+            pick = self.rng.choices([v.label for v in versions], weights=[v.weight for v in versions])[0]
+            return pick, None
+        if model == self.name:
+            return DEFAULT_VERSION, None
+        base, sep, adapter = model.partition(":")
+        if sep and base == self.name:
+            if adapter in self.catalogue:
+                return DEFAULT_VERSION, adapter
+            known = ", ".join(sorted(self.catalogue)) or "none"
+            raise APIError(404, f"model {model!r}: adapter {adapter!r} is not served by this endpoint (known adapters: "
+                           f"{known}); GET /v1/models lists them", param="model", code="model_not_found")
+        served = [self.name] + ([self.ab.name] if self.ab else [])
+        raise APIError(404, f"model {model!r} is not served here (served: {', '.join(served)}, or "
+                       f"'{self.name}:<adapter>'); GET /v1/models lists them", param="model", code="model_not_found")
+
+    def models(self, who) -> dict:
+        created = int(time.time())
+        data = [{"id": self.name, "object": "model", "created": created, "owned_by": "rayft", "parent": None}]
+        for name in sorted(self.catalogue):
+            if who is None or who.may_use(name):
+                data.append({"id": f"{self.name}:{name}", "object": "model", "created": created,
+                             "owned_by": "rayft", "parent": self.name})
+        if self.ab:
+            data.append({"id": self.ab.name, "object": "model", "created": created, "owned_by": "rayft",
+                         "parent": None, "versions": {v.label: v.weight for v in self.ab.versions}})
+        return {"object": "list", "data": data}
+
+    # -- may they -----------------------------------------------------------------------------------------
+    def check_infer(self, who, target: str, adapter: Optional[str]) -> None:
+        """The access decision of one inference request (the key's adapters, then the policy's role for its
+        tenant): one audit line, allowed or denied, then a 403 when denied."""
+        from rayft.security.access import decide
+
+        tenant = who.tenant if who is not None else "anonymous"  # no keys: loopback only
+        if who is not None and not who.may_use(adapter):
+            self.record_infer(False, tenant, target, "the API key is not bound to this adapter")
+            what = f"adapter {adapter!r}" if adapter else f"model {self.name!r} without an adapter"
+            raise APIError(403, f"this API key (tenant {who.tenant!r}) may not use {what}; ask for access or use "
+                           f"one of its adapters", param="model", code="adapter_not_allowed")
+        if self.policy is None and self.audit is None:
+            return
+        decision = decide(self.policy, tenant, "infer", target, kind="tenant")
+        if self.audit is not None:
+            self.audit.record(decision, "server")
+        if not decision.allowed:
+            raise APIError(403, f"tenant {tenant!r} (role {decision.role or 'none'}) may not run inference on this "
+                           f"endpoint under its access policy; ask the endpoint's admin to give the tenant a role that "
+                           f"allows `infer`", param="model", code="action_not_allowed")
+
+    def record_infer(self, allowed: bool, tenant: Optional[str], target: str, reason: str) -> None:
+        """Audit a decision made before the policy (authentication, key bindings). Never the key itself."""
+        if self.audit is None:
+            return
+        from rayft.security.access import Decision
+
+        policy = self.policy.path if self.policy else None
+        role = self.policy.role_of(tenant, "tenant") if (self.policy and tenant) else None
+        self.audit.record(Decision(allowed, tenant or "-", "tenant", role, "infer", target, reason, policy), "server")
+
+    # -- how many -----------------------------------------------------------------------------------------
+    def check_capacity(self) -> None:
+        """503 with Retry-After when the replicas behind this gate already hold serve.max_ongoing_requests
+        requests each."""
+        if self.inflight >= self.capacity:
+            raise APIError(503, f"the server is at serve.max_ongoing_requests={self.cfg.max_ongoing_requests} per "
+                           f"replica; retry after {self.cfg.retry_after_s} s", code="overloaded",
+                           headers={"Retry-After": str(self.cfg.retry_after_s)})

@@ -1,0 +1,234 @@
+"""rayft's ingress in front of the vllm engine: one Ray Serve deployment composed with one Ray Serve LLM deployment per
+served version (serve/llm.py).
+
+    GET  /health                 liveness (no key needed)
+    GET  /v1/models              the model, its adapters (with their parent) and A/B names
+    POST /v1/completions         vLLM's completions (n, logprobs, echo, prompt lists, penalties, stream, ...)
+    POST /v1/chat/completions    vLLM's chat (n, logprobs, response_format / JSON mode, tools, stream, ...)
+
+Before a request reaches vLLM, the Gate (serve/gate.py) makes the same checks as on the hf engine: API key (401),
+the key's adapters and the access policy with its audit line (403), the model name routed to a version and an adapter
+(404 for an unknown one, never an answer from the base), the A/B draw, the replica's limit on requests in flight (503
+with Retry-After). Every answer carries `x-rayft-model-version`. vLLM's own refusals (prompt too long, a bad value)
+come back as 400s with vLLM's message; a field vLLM does not know is refused here, naming it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+
+from .config import ServeConfig
+from .gate import VERSION_HEADER, Gate
+from .schemas import APIError
+
+log = logging.getLogger("rayft.serve")
+
+api = FastAPI(title="rayft", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(APIError)
+async def _api_error(_request, exc: APIError):
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(Exception)
+async def _server_error(_request, exc: Exception):
+    rid = "req-" + uuid.uuid4().hex[:24]
+    log.error("request %s failed", rid, exc_info=exc)
+    return JSONResponse(APIError(500, f"internal server error (request id {rid}); the server's log has the details "
+                                      f"under that id").body(), status_code=500)
+
+
+def request_error(e: ValidationError) -> APIError:
+    """vLLM's request model refused the body: a 400 naming the first bad field, its value and what is wanted."""
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "body"
+    value = json.dumps(err.get("input"), default=str)
+    if len(value) > 80:
+        value = value[:77] + "..."
+    return APIError(400, f"{where}: {err['msg']} (got {value})", param=where, code="invalid_value")
+
+
+def _is_error(item) -> bool:
+    return type(item).__name__ == "ErrorResponse" or (isinstance(item, dict) and "error" in item)
+
+
+def _engine_error(item) -> APIError:
+    """vLLM's ErrorResponse -> rayft's: same status (400 for a request vLLM refuses), vLLM's message."""
+    err = item.error if hasattr(item, "error") else item["error"]
+    get = (lambda k: getattr(err, k, None)) if not isinstance(err, dict) else err.get
+    status = int(get("code") or 500) if str(get("code") or "").isdigit() else 500
+    param = get("param")
+    message = get("message") or "the engine refused the request"
+    return APIError(status, message, param=param, code="invalid_value" if status == 400 else None)
+
+
+def _dump(item) -> dict:
+    return item.model_dump(mode="json", exclude_none=False) if hasattr(item, "model_dump") else item
+
+
+def _sse_packet(item) -> str:
+    items = item if isinstance(item, list) else [item]
+    out = []
+    for x in items:
+        if isinstance(x, str):
+            if x.strip() == "data: [DONE]":
+                continue  # sent once, at the end
+            out.append(x if x.endswith("\n\n") else x + "\n\n")
+        elif _is_error(x):
+            out.append("data: " + json.dumps(_engine_error(x).body()) + "\n\n")
+        else:
+            out.append("data: " + (x.model_dump_json() if hasattr(x, "model_dump_json") else json.dumps(x)) + "\n\n")
+    return "".join(out)
+
+
+@serve.deployment(name="rayft-ingress", ray_actor_options={"num_cpus": 0.1})
+@serve.ingress(api)
+class LLMIngress:
+    def __init__(self, serve_cfg: dict, name: str, catalogue: dict[str, str], engines: dict,
+                 security_cfg: Optional[dict] = None, submitted_by: Optional[str] = None):
+        self.cfg = ServeConfig.model_validate(serve_cfg)
+        self.name = name
+        replicas = self.cfg.autoscaling.max_replicas if self.cfg.autoscaling else self.cfg.num_replicas
+        # One ingress replica admits for all engine replicas: serve.max_ongoing_requests is per engine replica.
+        self.gate = Gate(self.cfg, name, catalogue, security_cfg, submitted_by,
+                         capacity=self.cfg.max_ongoing_requests * replicas)
+        self.engines = engines  # version -> DeploymentHandle of its Ray Serve LLM deployment
+        self._handles: dict[tuple, Any] = {}
+
+    @api.get("/health")
+    async def health(self):
+        return {"status": "ok", "model": self.name, "engine": "vllm"}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        return self.gate.models(self.gate.auth(request.headers.get("authorization")))
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._serve(request, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._serve(request, chat=True)
+
+    # -- one request --------------------------------------------------------------------------------------
+    async def _serve(self, request: Request, chat: bool):
+        who = self.gate.admit(request.headers.get("authorization"), request.url.path)
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            body = None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body is not a JSON object; send one with model and "
+                           + ("messages" if chat else "prompt"))
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise APIError(400, "model: missing; send the name of a served model (GET /v1/models lists them)",
+                           param="model")
+        version, adapter = self.gate.route(model)
+        self.gate.check_infer(who, model, adapter)
+        req = self._parse(body, chat)
+        self.gate.check_capacity()
+        self.gate.inflight += 1
+        headers = {VERSION_HEADER: version}
+        done = False
+        try:
+            stream = self._call(version, model if adapter else None, req, chat)
+            first = await stream.__anext__()
+            first_item = first[0] if isinstance(first, list) and first else first
+            if _is_error(first_item):
+                raise _engine_error(first_item)
+            if not getattr(req, "stream", False):
+                return JSONResponse(_dump(first_item), headers=headers)
+            done = True  # the stream's generator counts the request down when it ends
+            return StreamingResponse(self._sse(first, stream), headers=headers, media_type="text/event-stream")
+        except StopAsyncIteration:
+            raise APIError(500, "the engine returned no answer; retry") from None
+        except APIError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an engine failure: a request id, the detail in the log
+            rid = "req-" + uuid.uuid4().hex[:24]
+            log.error("request %s: generation failed", rid, exc_info=e)
+            what = f"adapter {adapter!r} could not be loaded or run" if adapter else "generation failed"
+            raise APIError(500, f"{what} (request id {rid}); the server's log has the details under that id",
+                           code="generation_failed") from None
+        finally:
+            if not done:
+                self.gate.inflight -= 1
+
+    def _parse(self, body: dict, chat: bool):
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+        cls = ChatCompletionRequest if chat else CompletionRequest
+        try:
+            req = cls.model_validate(body)
+        except ValidationError as e:
+            raise request_error(e) from None
+        extra = sorted((req.model_extra or {}).keys())
+        if extra:  # vLLM would ignore it with a log line; a client deserves to know its option did nothing
+            raise APIError(400, f"{extra[0]}: not a field of this endpoint's {'chat ' if chat else ''}completion "
+                           f"requests; remove it", param=extra[0], code="unknown_field")
+        name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+        asked = body.get(name)
+        limit = self.cfg.max_tokens_limit
+        if asked is None:
+            req.max_tokens = self.cfg.default_max_tokens
+            if chat:
+                req.max_completion_tokens = None
+        elif not 1 <= int(asked) <= limit:
+            raise APIError(400, f"{name}: {asked} is out of range; use 1 to {limit} (serve.max_tokens_limit)",
+                           param=name, code="invalid_value")
+        if chat:
+            from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
+
+            req = _sanitize_chat_completion_request(req)  # Ray 2.60's fix for pickling message iterables
+        return req
+
+    def _call(self, version: str, lora_model: Optional[str], req, chat: bool):
+        key = (version, lora_model)
+        handle = self._handles.get(key)
+        if handle is None:
+            opts: dict[str, Any] = {"stream": True}
+            if lora_model:
+                opts["multiplexed_model_id"] = lora_model  # Serve routes it to a replica that has it loaded
+            handle = self._handles[key] = self.engines[version].options(**opts)
+        method = handle.chat if chat else handle.completions
+        return method.remote(req, None).__aiter__()
+
+    async def _sse(self, first, stream):
+        try:
+            yield _sse_packet(first)
+            async for item in stream:
+                yield _sse_packet(item)
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # noqa: BLE001 - the headers are sent: the error goes in the stream
+            rid = "req-" + uuid.uuid4().hex[:24]
+            log.error("request %s: stream failed", rid, exc_info=e)
+            yield "data: " + json.dumps(APIError(500, f"generation failed (request id {rid})").body()) + "\n\n"
+        finally:
+            self.gate.inflight -= 1
+
+
+def build_ingress(cfg: ServeConfig, name: str, sources: dict[str, tuple[str, str]], catalogue: dict[str, str],
+                  tracking_uri: Optional[str], security: dict, submitted_by: Optional[str]):
+    """The application: the ingress bound to one Ray Serve LLM deployment per version.
+
+    `sources`: version -> (the model id clients send, the model source)."""
+    from .llm import build_deployment
+
+    engines = {version: build_deployment(cfg, model_id, version, source, catalogue if version == "default" else {},
+                                         tracking_uri, security)
+               for version, (model_id, source) in sources.items()}
+    replicas = cfg.autoscaling.max_replicas if cfg.autoscaling else cfg.num_replicas
+    opts: dict[str, Any] = dict(max_ongoing_requests=cfg.max_ongoing_requests * replicas + 8,
+                                graceful_shutdown_timeout_s=cfg.graceful_shutdown_s,
+                                graceful_shutdown_wait_loop_s=0.5)
+    return LLMIngress.options(**opts).bind(cfg.model_dump(), name, catalogue, engines, security, submitted_by)

@@ -1,0 +1,205 @@
+"""The vllm engine: one Ray Serve LLM deployment (vLLM) per served version, configured from the `serve:` section.
+
+vLLM brings continuous batching, the paged KV cache, prefix caching, chunked prefill, tensor parallelism, multi-LoRA
+and the OpenAI request features (`n`, `logprobs`, JSON mode, tools). rayft adds two things inside the replica, both
+before vLLM reads a file:
+
+- the model source: a folder, a hub id, `models:/NAME@alias`, `models:/NAME/VERSION` or `runs:/...` is resolved and
+  pinned to a version in the replica (serve/sources.py), checked against its manifest and, when encrypted, decrypted
+  into the replica's private folder;
+- the adapters: `<model>:<adapter>` names one of rayft's catalogue (local folder, registry URI, storage URI), loaded on
+  demand through Ray Serve's multiplexing with the same checks.
+
+The private folder (mode 0700) lives as long as the replica and is removed when it stops. Ray Serve LLM builds
+LLMServer from a class it is given (`build_llm_deployment(deployment_cls=...)`); `RayftLLMServer` subclasses it only to
+resolve the model before the engine starts and to hand it rayft's adapter loader: everything else is Ray's.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from typing import Any, Optional
+
+from .config import ServeConfig, ServeStartError
+
+CPU_DTYPE_ENV = "RAYFT_VLLM_CPU_DTYPE"
+
+
+def engine_kwargs(cfg: ServeConfig, with_lora: bool) -> dict[str, Any]:
+    """vLLM engine arguments: rayft's fields first, then `serve.engine_kwargs` as given (they win)."""
+    on_gpu = cfg.num_gpus_per_replica > 0
+    out: dict[str, Any] = {
+        "dtype": cfg.dtype if cfg.dtype != "auto" else ("auto" if on_gpu else cpu_dtype()),
+        # max_batch_size left at its hf default (8) would starve vLLM's continuous batching
+        "max_num_seqs": cfg.max_batch_size if cfg.max_batch_size != 8 else 32,
+        "enforce_eager": not on_gpu,  # on CPU, torch.compile costs minutes at start for little gain on small models
+        "trust_remote_code": False,
+    }
+    if cfg.max_model_len:
+        out["max_model_len"] = cfg.max_model_len
+    if with_lora:
+        out.update(enable_lora=True, max_lora_rank=cfg.max_lora_rank, max_loras=cfg.adapter_cache_size)
+    if on_gpu and cfg.num_gpus_per_replica > 1:
+        out["tensor_parallel_size"] = int(cfg.num_gpus_per_replica)
+    out.update(cfg.engine_kwargs)
+    return out
+
+
+def cpu_dtype() -> str:
+    """float32 on CPUs. vLLM 0.29's CPU build in bfloat16 kills its engine (the worker dies of SIGILL) on some short
+    prompts (a 3-token prompt on an AMX machine here), which would take every request of the replica down with it;
+    `serve.dtype: bfloat16` opts in where that has been checked."""
+    return os.environ.get(CPU_DTYPE_ENV) or "float32"
+
+
+def check_engine_kwargs(kwargs: dict) -> None:
+    """Every key must be a vLLM engine or frontend argument: a typo is an error naming it, before anything starts."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import FrontendArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)} | {f.name for f in dataclasses.fields(FrontendArgs)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        import difflib
+
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k)
+                 for k in unknown]
+        raise ServeStartError(f"serve.engine_kwargs: {', '.join(hints)} is not a vLLM engine argument; see `vllm serve "
+                         f"--help` for the names (snake_case), or remove it")
+
+
+def replica_env(cfg: ServeConfig) -> dict[str, str]:
+    env = {"VLLM_CPU_KVCACHE_SPACE": f"{cfg.kv_cache_gib:g}"}
+    if cfg.num_gpus_per_replica <= 0:
+        threads = min(os.cpu_count() or 1, cfg.torch_threads or max(1, int(cfg.num_cpus_per_replica)))
+        env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                 "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "RAYFT_ARTIFACT_KEY", CPU_DTYPE_ENV):
+        if os.environ.get(name):  # registry and storage sources are fetched in the replica, on any node
+            env[name] = os.environ[name]
+    return env
+
+
+def build_llm_config(cfg: ServeConfig, model_id: str, with_lora: bool):
+    from ray.serve.llm import LLMConfig
+
+    on_gpu = cfg.num_gpus_per_replica > 0
+    options: dict[str, Any] = {
+        # The replica actor reserves nothing itself: its placement group's first bundle holds the engine's CPUs.
+        "ray_actor_options": {"num_cpus": 0},
+        # Serve lets a few more through than the ingress admits, so the ingress answers 503 + Retry-After itself.
+        "max_ongoing_requests": cfg.max_ongoing_requests + 8,
+        "graceful_shutdown_timeout_s": cfg.graceful_shutdown_s,
+        "graceful_shutdown_wait_loop_s": 0.5,
+    }
+    if cfg.autoscaling:
+        options["autoscaling_config"] = cfg.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = cfg.num_replicas
+    return LLMConfig(
+        # The replica replaces the source by the local folder it resolved (RayftLLMServer); vLLM never sees a URI.
+        model_loading_config={"model_id": model_id, "model_source": model_id},
+        engine_kwargs=engine_kwargs(cfg, with_lora),
+        placement_group_config=None if on_gpu else {"bundles": [{"CPU": max(cfg.num_cpus_per_replica, 0.01)}],
+                                                    "strategy": "PACK"},
+        lora_config={"max_num_adapters_per_replica": cfg.adapter_cache_size} if with_lora else None,
+        deployment_config=options,
+        runtime_env={"env_vars": replica_env(cfg)},
+    )
+
+
+def build_deployment(cfg: ServeConfig, model_id: str, version: str, source: str, catalogue: dict[str, str],
+                     tracking_uri: Optional[str], security: dict):
+    """The bound Ray Serve LLM deployment of one served version."""
+    from ray.serve.llm import build_llm_deployment
+
+    llm_config = build_llm_config(cfg, model_id, with_lora=bool(catalogue))
+    return build_llm_deployment(
+        llm_config, name_prefix=f"rayft-vllm-{version}:", deployment_cls=RayftLLMServer,
+        bind_kwargs={"rayft": {"source": source, "catalogue": catalogue, "tracking_uri": tracking_uri,
+                               "security": security}})
+
+
+class PrivateFolder:
+    """A 0700 folder for a replica's decrypted files, removed when the replica stops (or its process exits)."""
+
+    def __init__(self):
+        import atexit
+
+        self.path = tempfile.mkdtemp(prefix="rayft-replica-")  # mkdtemp: mode 0700
+        atexit.register(self.remove)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def prepare(uri: str, tracking_uri: Optional[str], security: dict, private: PrivateFolder) -> str:
+    """A local folder vLLM may read for `uri`: resolved (registry versions pinned and anchored), manifest checked,
+    decrypted into the private folder when encrypted. A hub id is returned as it is (vLLM fetches it)."""
+    from rayft.security.artifacts import prepared_for_load
+    from rayft.security.config import SecurityConfig
+
+    from .sources import resolve
+
+    return prepared_for_load(resolve(uri, tracking_uri), private.path, SecurityConfig.model_validate(security or {}))
+
+
+class AdapterLoader:
+    """Ray Serve LLM's LoRA loader interface (`load_model_from_config`), over rayft's adapter catalogue."""
+
+    def __init__(self, catalogue: dict[str, str], tracking_uri: Optional[str], security: dict,
+                 private: PrivateFolder, **_ray_options):
+        self.catalogue, self.tracking_uri, self.security, self.private = catalogue, tracking_uri, security, private
+        self.loaded: dict[str, Any] = {}
+
+    async def load_model_from_config(self, lora_model_id: str, llm_config) -> Any:
+        from ray.llm._internal.common.models import global_id_manager
+        from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
+
+        if lora_model_id in self.loaded:
+            return self.loaded[lora_model_id]
+        name = lora_model_id.split(":", 1)[1]
+        if name not in self.catalogue:  # the ingress answers 404 first; this guards direct handle calls
+            raise KeyError(f"adapter {name!r} is not in this server's catalogue")
+        path = await asyncio.to_thread(prepare, self.catalogue[name], self.tracking_uri, self.security, self.private)
+        disk = DiskMultiplexConfig.model_validate({"model_id": lora_model_id, "max_total_tokens": None,
+                                                   "local_path": path,
+                                                   "lora_assigned_int_id": global_id_manager.next()})
+        self.loaded[lora_model_id] = disk
+        return disk
+
+
+def _llm_server_base():
+    from ray.serve.llm.deployment import LLMServer
+
+    return LLMServer
+
+
+class RayftLLMServer(_llm_server_base()):
+    async def __init__(self, llm_config, *, rayft: dict):
+        import functools
+
+        self._rayft_private = PrivateFolder()
+        local = await asyncio.to_thread(prepare, rayft["source"], rayft.get("tracking_uri"), rayft.get("security"),
+                                        self._rayft_private)
+        llm_config.model_loading_config.model_source = local
+        llm_config._engine_config = None  # derived from the source; rebuilt from the local folder
+        loader = functools.partial(AdapterLoader, rayft.get("catalogue") or {}, rayft.get("tracking_uri"),
+                                   rayft.get("security"), self._rayft_private)
+        try:
+            await super().__init__(llm_config, model_downloader=loader)
+        except BaseException:
+            self._rayft_private.remove()
+            raise
+
+    async def __del__(self) -> None:
+        try:
+            await super().__del__()
+        finally:
+            private = getattr(self, "_rayft_private", None)
+            if private is not None:
+                private.remove()
