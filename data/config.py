@@ -100,6 +100,33 @@ class DataConfig(_Section):
     rejects_sample_chars: int = Field(
         default=4000, ge=0, description="Longest raw row kept in the rejects file (longer ones are cut, and say so)."
     )
+    read_block_mb: int = Field(
+        default=64,
+        description="Bytes one read task takes from a large file: JSON Lines files are cut into ranges of this size at "
+        "line boundaries and Parquet files into groups of row groups, each read by its own task (ranged reads on "
+        "object stores). JSON arrays and CSV files are read whole, one task per file (a CSV cell may hold a newline).",
+    )
+    driver_memory_mb: int = Field(
+        default=1024,
+        description="Memory the driver process may use for data, on top of its own code: the blocks it reads when "
+        "it sniffs sources, writes the rejects file and builds the report are sized from it. The data itself "
+        "streams through Ray's workers and object store; the driver's use stays flat as the data grows.",
+    )
+
+    @field_validator("read_block_mb")
+    @classmethod
+    def _read_block(cls, v: int) -> int:
+        if not 1 <= v <= 4096:
+            raise ValueError(f"read_block_mb {v} is out of range; set 1 to 4096 (MiB per read task, 64 by default)")
+        return v
+
+    @field_validator("driver_memory_mb")
+    @classmethod
+    def _driver_memory(cls, v: int) -> int:
+        if v < 16:
+            raise ValueError(f"driver_memory_mb {v} is too small for the driver to read any block; set 16 or more "
+                             f"(MiB, 1024 by default)")
+        return v
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> "DataConfig":

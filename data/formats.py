@@ -247,10 +247,138 @@ def _iter_parquet(data: bytes, limit: int) -> Iterator[RawRecord]:
     except Exception as e:  # pyarrow raises several types for a damaged file
         yield RawRecord(1, None, None, "", "unparsable_parquet", f"the file is not readable Parquet: {e}")
         return
-    row = 0
     # Row group by row group: a damaged page fails its group only, and the footer says how many rows each group
     # holds, so the rows that cannot be read are still counted, each rejected, never silently lost.
-    for group in range(pf.metadata.num_row_groups):
+    yield from _parquet_records(pf, range(pf.metadata.num_row_groups), 0)
+
+
+def head_records(path: str, fmt: str, nbytes: int, raw_limit: int = 4000) -> Iterator[RawRecord]:
+    """The first records of a file, read from its head only (ranged reads on object stores).
+
+    JSON Lines and CSV: the first `nbytes`, cut at the last whole line. A JSON array: the elements that are complete
+    in the first `nbytes`. Parquet: the footer, then the first batch of the first row group.
+    """
+    if fmt == "parquet":
+        yield from _parquet_head(path, raw_limit)
+        return
+    data = read_bytes(path, nbytes + 1)
+    if len(data) <= nbytes:  # the whole file
+        yield from iter_records(data, fmt, raw_limit)
+        return
+    data = data[:nbytes]
+    if fmt == "json" and data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":
+        yield from _json_array_head(data, raw_limit)
+        return
+    cut = data.rfind(b"\n")
+    yield from iter_records(data[: cut if cut > 0 else nbytes], fmt, raw_limit)
+
+
+def _json_array_head(data: bytes, limit: int) -> Iterator[RawRecord]:
+    # The elements complete within the head, decoded one by one; the element cut by the head's end is left out.
+    text = data.decode("utf-8", errors="ignore").lstrip("\ufeff \t\r\n")[1:]
+    decoder = json.JSONDecoder()
+    pos, row = 0, 0
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return
+        row += 1
+        yield _as_record(value, row, None, text[pos:end], limit)
+        pos = end
+
+
+def _parquet_head(path: str, limit: int, rows: int = 64) -> Iterator[RawRecord]:
+    import pyarrow.parquet as pq
+
+    from .storage import filesystem
+
+    fs, inner = filesystem(path)
+    try:
+        with fs.open_input_file(inner) as f:
+            pf = pq.ParquetFile(f)
+            if pf.metadata.num_row_groups == 0:
+                return
+            batch = next(pf.iter_batches(batch_size=rows, row_groups=[0]), None)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        yield RawRecord(1, None, None, "", "unparsable_parquet", f"the file is not readable Parquet: {e}")
+        return
+    for i, value in enumerate(batch.to_pylist() if batch is not None else [], start=1):
+        yield RawRecord(i, None, value, json.dumps(value, ensure_ascii=False, default=str))
+
+
+def read_line_range(path: str, start: int, stop: int, step: int = 1 << 20) -> tuple[bytes, int]:
+    """The lines of a text file whose first byte lies in [start, stop), and their count.
+
+    Every line belongs to exactly one range, so ranges read by separate tasks together hold each line once: a range
+    skips the line cut by its start (the range before it finishes that line) and reads on past `stop` to finish its
+    own last line. Ranged reads on object stores; only this range (and one line past it) is read.
+    """
+    from .storage import filesystem
+
+    fs, inner = filesystem(path)
+    with fs.open_input_file(inner) as f:
+        size = f.size()
+        stop = min(stop, size)
+        data = f.read_at(stop - start, start) if stop > start else b""
+        if start > 0 and f.read_at(1, start - 1) != b"\n":
+            cut = data.find(b"\n")
+            data = data[cut + 1:] if cut >= 0 else b""  # no line starts in this range
+        if data and not data.endswith(b"\n"):
+            tail, pos = [data], stop
+            while pos < size:
+                chunk = f.read_at(min(step, size - pos), pos)
+                pos += len(chunk)
+                nl = chunk.find(b"\n")
+                if nl >= 0:
+                    tail.append(chunk[: nl + 1])
+                    break
+                tail.append(chunk)
+            data = b"".join(tail)
+    lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+    return data, lines
+
+
+def parquet_row_groups(path: str) -> list[tuple[int, int]]:
+    """(rows, compressed bytes) of each row group, from the file's footer (a ranged read on object stores)."""
+    import pyarrow.parquet as pq
+
+    from .storage import filesystem
+
+    fs, inner = filesystem(path)
+    with fs.open_input_file(inner) as f:
+        meta = pq.ParquetFile(f).metadata
+    out = []
+    for g in range(meta.num_row_groups):
+        rg = meta.row_group(g)
+        out.append((rg.num_rows, sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))))
+    return out
+
+
+def iter_parquet_groups(path: str, groups: list[int], first_row: int, limit: int) -> Iterator[RawRecord]:
+    """Records of some row groups of a Parquet file, read from the file itself (ranged reads), numbered from
+    `first_row`; a damaged group rejects each of its rows, as `iter_records` does for a whole file."""
+    import pyarrow.parquet as pq
+
+    from .storage import filesystem
+
+    fs, inner = filesystem(path)
+    try:
+        f = fs.open_input_file(inner)
+        pf = pq.ParquetFile(f)
+    except Exception as e:  # noqa: BLE001
+        yield RawRecord(first_row, None, None, "", "unparsable_parquet", f"the file is not readable Parquet: {e}")
+        return
+    with f:
+        yield from _parquet_records(pf, groups, first_row - 1)
+
+
+def _parquet_records(pf, groups, row: int) -> Iterator[RawRecord]:
+    for group in groups:
         first, expected = row, pf.metadata.row_group(group).num_rows
         try:
             for batch in pf.iter_batches(batch_size=4096, row_groups=[group]):

@@ -1,13 +1,19 @@
 """The data pipeline on Ray Data: sources -> conversations -> (input_ids, labels) blocks.
 
-    read files -> parse + normalise + validate + redact   (one task per file, rows keep source/row/line)
-               -> dedup (keys gathered on the driver, first occurrence wins)
-               -> render chat + loss mask + tokenize + truncation policy + split
-               -> train: weight, pack | eval: pack       -> ray.data.Dataset each
+    plan       list files; sniff each source's format and schema from the head of a file only (ranged reads)
+    read       one task per read unit: a range of a JSON Lines file cut at line boundaries, a group of row
+               groups of a Parquet file, or a whole JSON array / CSV file (size: data.read_block_mb)
+               -> parse + normalise + validate + redact, streamed out in blocks (rows keep source/file/row/line)
+    render     chat template + loss mask + tokenize + truncation policy + split
+    dedup      keys hash-partitioned across tasks (first occurrence wins); only object references reach the driver
+    finish     row and line numbers made file-global, duplicates marked
+    pack       train: weight, pack | eval: pack       -> ray.data.Dataset each
     every rejected row -> rejects (source, file, row, line, reason, detail, raw)
 
-Nothing is dropped without a trace: for every source, read = kept + rejected (duplicates are a
-reject reason). Ray must be initialised by the caller (cluster/ owns the connection).
+Nothing is dropped without a trace: for every source, read = kept + rejected (duplicates are a reject reason).
+The data streams through Ray's workers and object store; the driver holds plans, counts and object references,
+and reads blocks no larger than `data.driver_memory_mb` allows. Ray must be initialised by the caller (cluster/
+owns the connection).
 """
 from __future__ import annotations
 
@@ -24,13 +30,24 @@ import pyarrow as pa
 
 from .chat import fit_conversation, render_segments, tokenize_segments
 from .config import DataConfig, SourceConfig
-from .formats import SourceError, detect_format, iter_records, list_files, read_bytes
+from .formats import (
+    SourceError,
+    detect_format,
+    head_records,
+    iter_parquet_groups,
+    iter_records,
+    list_files,
+    parquet_row_groups,
+    read_bytes,
+    read_line_range,
+)
 from .pack import pack_flat, padding_waste_unpacked, single_flat
 from .redact import PII_KINDS, redact, redact_messages
 from .schemas import SCHEMAS, Reject, apply_column_map, content_key, detect_schema, normalise, used_columns
 
 PEEK_ROWS = 50
 BLOCK_ROWS = 2048  # rows per block after reading: enough blocks to keep every CPU busy
+HEAD_BYTES = 1 << 20  # sniffing reads at most this much of a file (less under a small driver budget)
 
 
 @dataclass(frozen=True)
@@ -121,17 +138,22 @@ def plan_sources(cfg: DataConfig, log: Callable[[str], None] = print) -> list[So
                 raise SourceError(f"{where}: {e}") from None
         schema, note = src.data_schema, "set in the config"
         if schema == "auto":
-            schema, note = _detect(src, files, formats, where, cfg.rejects_sample_chars)
+            schema, note = _detect(src, files, formats, where, cfg.rejects_sample_chars, _head_bytes(cfg))
         plans.append(SourcePlan(i, src.display_name, src.model_dump(by_alias=False), files, formats, schema, note))
         fmts = sorted(set(formats.values()))
         log(f"source {src.display_name}: {len(files)} file(s), format {'/'.join(fmts)}, schema {schema} ({note})")
     return plans
 
 
-def _detect(src: SourceConfig, files: list[str], formats: dict, where: str, limit: int) -> tuple[str, str]:
+def _head_bytes(cfg: DataConfig) -> int:
+    return min(HEAD_BYTES, (cfg.driver_memory_mb << 20) // 16)
+
+
+def _detect(src: SourceConfig, files: list[str], formats: dict, where: str, limit: int,
+            head_bytes: int = HEAD_BYTES) -> tuple[str, str]:
     records, columns = [], set()
     for f in files:
-        for rec in iter_records(_head(f, formats[f]), formats[f], limit):
+        for rec in head_records(f, formats[f], head_bytes, limit):
             if rec.record is not None:
                 r = apply_column_map(rec.record, src.column_map)
                 records.append(r)
@@ -162,7 +184,7 @@ def _filesystem_of(files: list[str]):
 
 
 def _head(path: str, fmt: str, nbytes: int = 1 << 20) -> bytes:
-    # Line formats are sniffed from their first MiB only (a ranged read on S3); JSON and Parquet need the whole file.
+    # For `rayft data inspect`: line formats from their first MiB only (a ranged read on S3); JSON and Parquet whole.
     data = read_bytes(path, nbytes + 1 if fmt in ("jsonl", "csv") else None)
     if fmt in ("jsonl", "csv") and len(data) > nbytes:
         cut = data.rfind(b"\n", 0, nbytes)
@@ -170,51 +192,139 @@ def _head(path: str, fmt: str, nbytes: int = 1 << 20) -> bytes:
     return data
 
 
-# ------------------------------------------------------------------------------- stage 1: normalise
+# ------------------------------------------------------------------------------------ stage 1: read
 
 
-def _row_id(source_idx: int, file: str, row: int) -> str:
-    return f"{source_idx}\x1f{file}\x1f{row}"
+def plan_reads(plans: list[SourcePlan], block_bytes: int) -> list[dict]:
+    """The read units of every source, in (source, file, position) order: what one read task reads.
+
+    A JSON Lines file larger than `block_bytes` is cut into byte ranges (each line belongs to the range holding its
+    first byte); a Parquet file larger than that into groups of whole row groups (from its footer, a ranged read);
+    JSON arrays and CSV files are one unit each (a JSON array is one document; a CSV cell may hold a newline).
+    """
+    from .storage import file_sizes
+
+    units: list[dict] = []
+    for p in plans:
+        for f, size in zip(p.files, file_sizes(p.files)):
+            fmt = p.formats[f]
+            base = {"source_idx": p.index, "file": f, "fmt": fmt}
+            if fmt == "jsonl" and size > block_bytes:
+                for start in range(0, size, block_bytes):
+                    units.append(dict(base, kind="lines", start=start, stop=min(start + block_bytes, size)))
+            elif fmt == "parquet" and size > block_bytes:
+                groups, rows, first, acc = [], 0, 1, 0
+                for g, (n, nbytes) in enumerate(parquet_row_groups(f)):
+                    if groups and acc + nbytes > block_bytes:
+                        units.append(dict(base, kind="row_groups", groups=groups, first_row=first))
+                        groups, first, acc = [], rows + 1, 0
+                    groups.append(g)
+                    rows += n
+                    acc += nbytes
+                if groups:
+                    units.append(dict(base, kind="row_groups", groups=groups, first_row=first))
+            else:
+                units.append(dict(base, kind="lines" if fmt == "jsonl" else "file", start=0, stop=size))
+    for i, u in enumerate(units):
+        u["unit"] = i
+    return units
 
 
-_PARSED_COLUMNS = ("source_idx", "source", "file", "row", "line", "reason", "detail", "raw", "messages", "key") + tuple(
-    "pii_" + k for k in PII_KINDS)
+class UnitCounts:
+    """Lines and rows of each JSON Lines range, told by its read task: a range's row and line numbers are local
+    until the ranges before it in the file are counted (in `finish_rows`). Holds two numbers per unit."""
+
+    def __init__(self):
+        self.counts: dict[int, tuple[int, int]] = {}
+
+    def put(self, unit: int, lines: int, rows: int) -> None:
+        self.counts[unit] = (lines, rows)  # a retried task tells the same numbers again
+
+    def get(self) -> dict[int, tuple[int, int]]:
+        return self.counts
+
+
+_PARSED_COLUMNS = ("source_idx", "source", "file", "unit", "row", "line", "reason", "detail", "raw", "messages",
+                   "key") + tuple("pii_" + k for k in PII_KINDS)
+_PARSED_TYPES = {"source_idx": pa.int32(), "unit": pa.int32(), "row": pa.int64(), "line": pa.int64(),
+                 **{"pii_" + k: pa.int32() for k in PII_KINDS}}
+
+
+def parse_records(records, path: str, unit: int, plan: dict, redact_pii: bool, raw_limit: int,
+                  chunk_rows: int = BLOCK_ROWS):
+    """Records of one read unit -> tables of at most `chunk_rows` rows, one output row per input row, kept or
+    rejected (columns built directly, no row dicts)."""
+    src = plan["config"]
+    cols: dict[str, list] = {c: [] for c in _PARSED_COLUMNS}
+    for rec in records:
+        reason, detail, raw, messages_json, key = rec.reason, rec.detail, rec.raw, "", ""
+        counts = None
+        if rec.record is not None:
+            # Columns the schema does not read are dropped here, also from the raw text a reject keeps.
+            record = used_columns(rec.record, plan["schema"], src["column_map"])
+            if len(record) != len(rec.record):
+                raw = json.dumps(record, ensure_ascii=False, default=str)
+            try:
+                messages = normalise(apply_column_map(record, src["column_map"]), plan["schema"], src["system_prompt"])
+                if redact_pii:
+                    messages, counts = redact_messages(messages)
+                messages_json = json.dumps(messages, ensure_ascii=False)
+                key = hashlib.blake2b(content_key(messages).encode(), digest_size=16).hexdigest()
+            except Reject as r:
+                reason, detail = r.reason, r.detail
+        if len(raw) > raw_limit:
+            raw = raw[:raw_limit] + f"... [cut: {len(raw)} characters in all]"
+        if redact_pii:
+            raw = redact(raw)[0]  # the raw text may reach the rejects file
+        for c, v in (("source_idx", plan["index"]), ("source", plan["name"]), ("file", path), ("unit", unit),
+                     ("row", rec.row), ("line", rec.line if rec.line is not None else -1), ("reason", reason),
+                     ("detail", detail), ("raw", raw), ("messages", messages_json), ("key", key)):
+            cols[c].append(v)
+        for k in PII_KINDS:
+            cols["pii_" + k].append(counts[k] if counts else 0)
+        if len(cols["row"]) >= chunk_rows:
+            yield _parsed_table(cols)
+            cols = {c: [] for c in _PARSED_COLUMNS}
+    if cols["row"]:
+        yield _parsed_table(cols)
+
+
+def _parsed_table(cols: dict) -> pa.Table:
+    return pa.table({c: pa.array(v, type=_PARSED_TYPES.get(c, pa.string())) for c, v in cols.items()})
+
+
+def _empty_parsed() -> pa.Table:
+    return _parsed_table({c: [] for c in _PARSED_COLUMNS})
 
 
 def parse_files(batch: pa.Table, plan: dict, redact_pii: bool, raw_limit: int) -> pa.Table:
-    """Files -> one output row per input row, kept or rejected (columns built directly, no row dicts)."""
-    src = plan["config"]
-    cols: dict[str, list] = {c: [] for c in _PARSED_COLUMNS}
-    for path, data in zip(batch["path"].to_pylist(), batch["bytes"].to_pylist()):
-        fmt = _format_of(plan["formats"], path)
-        for rec in iter_records(data, fmt, raw_limit):
-            reason, detail, raw, messages_json, key = rec.reason, rec.detail, rec.raw, "", ""
-            counts = None
-            if rec.record is not None:
-                # Columns the schema does not read are dropped here, also from the raw text a reject keeps.
-                record = used_columns(rec.record, plan["schema"], src["column_map"])
-                if len(record) != len(rec.record):
-                    raw = json.dumps(record, ensure_ascii=False, default=str)
-                try:
-                    messages = normalise(apply_column_map(record, src["column_map"]), plan["schema"], src["system_prompt"])
-                    if redact_pii:
-                        messages, counts = redact_messages(messages)
-                    messages_json = json.dumps(messages, ensure_ascii=False)
-                    key = hashlib.blake2b(content_key(messages).encode(), digest_size=16).hexdigest()
-                except Reject as r:
-                    reason, detail = r.reason, r.detail
-            if len(raw) > raw_limit:
-                raw = raw[:raw_limit] + f"... [cut: {len(raw)} characters in all]"
-            if redact_pii:
-                raw = redact(raw)[0]  # the raw text may reach the rejects file
-            for c, v in (("source_idx", plan["index"]), ("source", plan["name"]), ("file", path), ("row", rec.row),
-                         ("line", rec.line if rec.line is not None else -1), ("reason", reason), ("detail", detail),
-                         ("raw", raw), ("messages", messages_json), ("key", key)):
-                cols[c].append(v)
-            for k in PII_KINDS:
-                cols["pii_" + k].append(counts[k] if counts else 0)
-    types = {"source_idx": pa.int32(), "row": pa.int64(), "line": pa.int64(), **{"pii_" + k: pa.int32() for k in PII_KINDS}}
-    return pa.table({c: pa.array(v, type=types.get(c, pa.string())) for c, v in cols.items()})
+    """Whole files (`path`, `bytes` columns) -> one output row per input row, kept or rejected."""
+    tables = [t for path, data in zip(batch["path"].to_pylist(), batch["bytes"].to_pylist())
+              for t in parse_records(iter_records(data, _format_of(plan["formats"], path), raw_limit), path, 0,
+                                     plan, redact_pii, raw_limit)]
+    return pa.concat_tables(tables) if tables else _empty_parsed()
+
+
+def read_units(batch: pa.Table, plans: dict, redact_pii: bool, raw_limit: int, counts):
+    """Read tasks: each unit of the batch read from storage (ranged reads) and parsed, streamed out in blocks."""
+    import ray
+
+    for unit in (json.loads(u) for u in batch["unit"].to_pylist()):
+        plan, path, i = plans[unit["source_idx"]], unit["file"], unit["unit"]
+        if unit["kind"] == "lines":
+            data, lines = read_line_range(path, unit["start"], unit["stop"])
+            rows = 0
+            for t in parse_records(iter_records(data, "jsonl", raw_limit), path, i, plan, redact_pii, raw_limit):
+                rows += t.num_rows
+                yield t
+            del data
+            ray.get(counts.put.remote(i, lines, rows))
+        elif unit["kind"] == "row_groups":
+            yield from parse_records(iter_parquet_groups(path, unit["groups"], unit["first_row"], raw_limit), path, i,
+                                     plan, redact_pii, raw_limit)
+        else:
+            yield from parse_records(iter_records(read_bytes(path), unit["fmt"], raw_limit), path, i, plan,
+                                     redact_pii, raw_limit)
 
 
 def _format_of(formats: dict, path: str) -> str:
@@ -224,6 +334,22 @@ def _format_of(formats: dict, path: str) -> str:
         if k.split("://", 1)[-1] == path.split("://", 1)[-1]:
             return v
     raise SourceError(f"file {path!r} was not planned for this source")
+
+
+def unit_offsets(units: list[dict], counts: dict) -> dict[int, tuple[int, int]]:
+    """unit -> (rows, lines) of the same file before it: what makes a range's local numbers file-global."""
+    out, before = {}, {}
+    for u in units:
+        if u["kind"] != "lines":
+            continue
+        if u["unit"] not in counts:
+            raise SourceError(f"the read task of {u['file']} bytes {u['start']}-{u['stop']} did not report its rows")
+        rows, lines = before.get(u["file"], (0, 0))
+        if rows or lines:
+            out[u["unit"]] = (rows, lines)
+        n_lines, n_rows = counts[u["unit"]]
+        before[u["file"]] = (rows + n_rows, lines + n_lines)
+    return out
 
 
 # --------------------------------------------------------------------------------- stage 2: render
@@ -280,42 +406,112 @@ def render_batch(batch: pa.Table, spec: TokenizerSpec, cfg: dict, split_of: dict
     return out
 
 
-def mark_duplicates(batch: pa.Table, duplicates_ref) -> pa.Table:
-    """Reject later copies of a conversation; drop the raw text of kept rows (only rejects need it)."""
+# ------------------------------------------------------------------------------ stage 3: dedup, finish
+
+
+def _code(unit, row) -> np.ndarray:
+    return (np.asarray(unit, dtype=np.int64) << 32) | np.asarray(row, dtype=np.int64)
+
+
+def find_duplicates(rendered, partitions: int) -> list:
+    """Duplicate rows as object references to tables (unit, row, first_unit, first_row): the keys are
+    hash-partitioned by map tasks and each partition is sorted by a reduce task, so no key reaches the driver.
+    Order is (source, file, row): units are numbered in that order, so the first occurrence wins."""
+    import ray
+
+    parts = max(2, partitions)
+    split = ray.remote(num_returns=parts)(_partition_keys)
+    reduce = ray.remote(_duplicates_in)
+    mapped = [split.remote(ref, parts) for ref in
+              rendered.select_columns(["unit", "row", "key", "reason"]).to_arrow_refs()]
+    return [reduce.remote(*[m[p] for m in mapped]) for p in range(parts)]
+
+
+_HEX2 = pa.array([f"{i:02x}" for i in range(256)])
+
+
+def _partition_keys(table: pa.Table, parts: int) -> list:
     import pyarrow.compute as pc
 
-    dups = _get_cached(duplicates_ref) if duplicates_ref is not None else {}
+    t = table.filter(pc.equal(table["reason"], "")).select(["unit", "row", "key"])
+    # The key is a hash already: its first byte picks the partition.
+    bucket = pc.index_in(pc.utf8_slice_codeunits(t["key"], 0, 2), value_set=_HEX2).to_numpy(zero_copy_only=False)
+    bucket = np.asarray(bucket, dtype=np.int64) % parts
+    return [t.filter(pa.array(bucket == p)) for p in range(parts)]
+
+
+def _duplicates_in(*tables: pa.Table) -> pa.Table:
+    import pyarrow.compute as pc
+
+    t = pa.concat_tables(tables).sort_by([("key", "ascending"), ("unit", "ascending"), ("row", "ascending")])
+    n = t.num_rows
+    empty = pa.table({c: pa.array([], type=pa.int64()) for c in ("unit", "row", "first_unit", "first_row")})
+    if n < 2:
+        return empty
+    keys = t["key"].combine_chunks()
+    same = np.zeros(n, dtype=bool)
+    same[1:] = pc.equal(keys.slice(1), keys.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    if not same.any():
+        return empty
+    first = np.maximum.accumulate(np.where(same, 0, np.arange(n)))  # index of each row's group start
+    unit, row = t["unit"].to_numpy().astype(np.int64), t["row"].to_numpy().astype(np.int64)
+    return pa.table({"unit": unit[same], "row": row[same], "first_unit": unit[first][same],
+                     "first_row": row[first][same]})
+
+
+def finish_rows(batch: pa.Table, duplicates: list, offsets: dict, files: dict) -> pa.Table:
+    """Make row and line numbers file-global, reject later copies of a conversation, and drop the raw text of
+    kept rows (only rejects need it)."""
+    import pyarrow.compute as pc
+
+    unit = batch["unit"].to_numpy().astype(np.int64)
+    row = batch["row"].to_numpy().astype(np.int64)
+    line = batch["line"].to_numpy().astype(np.int64)
+    row_off = np.zeros(len(unit), dtype=np.int64)
+    line_off = np.zeros(len(unit), dtype=np.int64)
+    for u in np.unique(unit):
+        if int(u) in offsets:
+            m = unit == u
+            row_off[m], line_off[m] = offsets[int(u)]
     reason = batch["reason"].to_pylist()
     detail = batch["detail"].to_pylist()
-    if dups:
-        src, files, rows = (batch[c].to_pylist() for c in ("source_idx", "file", "row"))
-        for i in range(batch.num_rows):
+    dups = _get_cached(duplicates) if duplicates else None
+    if dups is not None and len(dups["code"]):
+        codes = _code(unit, row)
+        pos = np.clip(np.searchsorted(dups["code"], codes), 0, len(dups["code"]) - 1)
+        for i in np.nonzero(dups["code"][pos] == codes)[0]:
             if not reason[i]:
-                hit = dups.get(_row_id(src[i], files[i], rows[i]))
-                if hit:
-                    reason[i], detail[i] = "duplicate", f"same conversation as {hit}"
+                fu, fr = int(dups["first_unit"][pos[i]]), int(dups["first_row"][pos[i]])
+                reason[i] = "duplicate"
+                detail[i] = f"same conversation as {files[fu].rsplit('/', 1)[-1]} row {fr + offsets.get(fu, (0, 0))[0]}"
     reason_arr = pa.array(reason, type=pa.string())
     kept = pc.equal(reason_arr, "")
     raw = pc.if_else(kept, pa.scalar("", pa.string()), batch["raw"].combine_chunks().cast(pa.string()))
-    batch = batch.set_column(batch.schema.get_field_index("reason"), "reason", reason_arr)
-    batch = batch.set_column(batch.schema.get_field_index("detail"), "detail", pa.array(detail, type=pa.string()))
-    return batch.set_column(batch.schema.get_field_index("raw"), "raw", raw)
+    for name, values in (("reason", reason_arr), ("detail", pa.array(detail, type=pa.string())), ("raw", raw),
+                         ("row", pa.array(row + row_off)), ("line", pa.array(np.where(line >= 0, line + line_off, -1)))):
+        batch = batch.set_column(batch.schema.get_field_index(name), name, values)
+    return batch
 
 
 _CACHE: dict = {}
 
 
-def _get_cached(ref):
+def _get_cached(refs: list) -> dict:
+    """The duplicates of every partition, fetched once per worker process, sorted by (unit, row) code."""
     import ray
 
-    key = ref.hex() if hasattr(ref, "hex") else id(ref)
+    key = tuple(r.hex() for r in refs)
     if key not in _CACHE:
         _CACHE.clear()
-        _CACHE[key] = ray.get(ref)
+        t = pa.concat_tables(ray.get(list(refs)))
+        code = _code(t["unit"].to_numpy(), t["row"].to_numpy())
+        order = np.argsort(code)
+        _CACHE[key] = {"code": code[order], "first_unit": t["first_unit"].to_numpy()[order],
+                       "first_row": t["first_row"].to_numpy()[order]}
     return _CACHE[key]
 
 
-# ----------------------------------------------------------------------------------- stage 3: pack
+# ----------------------------------------------------------------------------------- stage 4: pack
 
 
 def select_split(batch: pa.Table, split: str, weights: dict, seed: int) -> pa.Table:
@@ -378,31 +574,39 @@ def prepare(
 
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same config, same data order: resumable and reproducible
+    # Blocks the driver reads (report, rejects) stay within its budget.
+    ctx.target_max_block_size = min(ctx.target_max_block_size or 128 << 20, _driver_block_bytes(cfg))
     t0 = time.perf_counter()
     tok = load_tokenizer(tokenizer)
     pad_id = pad_token_id(tok)
     plans = plan_sources(cfg, log)
+    units = plan_reads(plans, cfg.read_block_mb << 20)
+    log(f"reading {len(units)} unit(s) of at most {cfg.read_block_mb} MiB")
 
-    parts = []
-    for p in plans:
-        plan = {"index": p.index, "name": p.name, "config": p.config, "formats": p.formats, "schema": p.schema}
-        ds = ray.data.read_binary_files(p.files, include_paths=True, filesystem=_filesystem_of(p.files))
-        parts.append(ds.map_batches(parse_files, batch_format="pyarrow", batch_size=1, fn_kwargs={
-            "plan": plan, "redact_pii": cfg.redact_pii, "raw_limit": cfg.rejects_sample_chars}))
-    # One task reads a whole file; smaller blocks afterwards keep every CPU busy while rendering.
-    conf = {"max_seq_length": cfg.max_seq_length, "truncation": cfg.truncation,
-            "chat_template": cfg.chat_template, "seed": cfg.seed, "eval_fraction": cfg.eval_fraction}
-    split_of = {p.index: p.config["split"] for p in plans if p.config["split"]}
-    rendered = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0])
-    rendered = rendered.repartition(target_num_rows_per_block=BLOCK_ROWS).map_batches(
-        render_batch, batch_format="pyarrow", batch_size=BLOCK_ROWS,
-        fn_kwargs={"spec": tokenizer, "cfg": conf, "split_of": split_of},
-    ).materialize()
+    counts = ray.remote(UnitCounts).options(num_cpus=0).remote()
+    try:
+        plan_of = {p.index: {"index": p.index, "name": p.name, "config": p.config, "formats": p.formats,
+                             "schema": p.schema} for p in plans}
+        conf = {"max_seq_length": cfg.max_seq_length, "truncation": cfg.truncation,
+                "chat_template": cfg.chat_template, "seed": cfg.seed, "eval_fraction": cfg.eval_fraction}
+        split_of = {p.index: p.config["split"] for p in plans if p.config["split"]}
+        rendered = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
+        rendered = rendered.map_batches(
+            read_units, batch_format="pyarrow", batch_size=1,
+            fn_kwargs={"plans": plan_of, "redact_pii": cfg.redact_pii, "raw_limit": cfg.rejects_sample_chars,
+                       "counts": counts},
+        ).map_batches(render_batch, batch_format="pyarrow", batch_size=BLOCK_ROWS,
+                      fn_kwargs={"spec": tokenizer, "cfg": conf, "split_of": split_of}).materialize()
+        offsets = unit_offsets(units, ray.get(counts.get.remote()))
+    finally:
+        ray.kill(counts)
     log(f"read, normalised and tokenized {rendered.count()} rows in {time.perf_counter() - t0:.1f}s")
 
-    duplicates_ref = ray.put(_find_duplicates(rendered)) if cfg.dedup else None
-    rendered = rendered.map_batches(mark_duplicates, batch_format="pyarrow", batch_size=None,
-                                    fn_kwargs={"duplicates_ref": duplicates_ref}).materialize()
+    duplicates = find_duplicates(rendered, partitions=max(2, rendered.count() // 250_000 + 1)) if cfg.dedup else []
+    files = {u["unit"]: u["file"] for u in units}
+    rendered = rendered.map_batches(finish_rows, batch_format="pyarrow", batch_size=None, fn_kwargs={
+        "duplicates": duplicates, "offsets": offsets, "files": files}).materialize()
+    del duplicates
 
     weights = {p.index: float(p.config["weight"]) for p in plans}
     out = {}
@@ -421,24 +625,10 @@ def prepare(
     return Prepared(out["train"], eval_ds, rejects, report, cfg.packing, pad_id, plans)
 
 
-def _find_duplicates(normalised) -> dict[str, str]:
-    """Row id -> 'file row N' of the first row with the same content; order is (source, file, row)."""
-    first: dict[str, tuple] = {}
-    dups: dict[str, str] = {}
-    rows = []
-    for b in normalised.select_columns(["source_idx", "file", "row", "key", "reason"]).iter_batches(batch_format="pyarrow", batch_size=65536):
-        d = b.to_pydict()
-        rows.extend(zip(d["source_idx"], d["file"], d["row"], d["key"], d["reason"]))
-    rows.sort(key=lambda r: (r[0], r[1], r[2]))
-    for s, f, r, k, reason in rows:
-        if reason:
-            continue
-        if k in first:
-            fs, ff, fr = first[k]
-            dups[_row_id(s, f, r)] = f"{ff.rsplit('/', 1)[-1]} row {fr}"
-        else:
-            first[k] = (s, f, r)
-    return dups
+def _driver_block_bytes(cfg: DataConfig) -> int:
+    """The largest block the driver reads at once: an eighth of its budget (a block may be read while the next
+    one is fetched, and Arrow copies some columns while converting)."""
+    return max(1 << 20, (cfg.driver_memory_mb << 20) // 8)
 
 
 def _rejected_rows(batch: pa.Table) -> pa.Table:
@@ -451,6 +641,38 @@ def _rejected_rows(batch: pa.Table) -> pa.Table:
 # ------------------------------------------------------------------------------------------ report
 
 
+def summarise_block(batch: pa.Table, max_len: int) -> pa.Table:
+    """One row per block: per-source counts (JSON) and a histogram of kept rows' token counts. The report sums
+    these on the driver, so its memory holds counts, never rows."""
+    reason = np.asarray(batch["reason"].to_numpy(zero_copy_only=False), dtype=object)
+    src = batch["source_idx"].to_numpy()
+    split = np.asarray(batch["split"].to_numpy(zero_copy_only=False), dtype=object)
+    truncated = batch["truncated"].to_numpy(zero_copy_only=False).astype(bool)
+    tokens = batch["num_tokens"].to_numpy().astype(np.int64)
+    kept = reason == ""
+    per = {}
+    for s in np.unique(src):
+        m = src == s
+        k = m & kept
+        reasons, n = np.unique(reason[m & ~kept], return_counts=True)
+        per[int(s)] = {"read": int(m.sum()), "kept": int(k.sum()), "truncated": int(truncated[k].sum()),
+                       "train_examples": int((split[k] == "train").sum()),
+                       "eval_examples": int((split[k] == "eval").sum()),
+                       "rejected_by_reason": {str(r): int(c) for r, c in zip(reasons, n)},
+                       "pii_redacted": {p: int(batch["pii_" + p].to_numpy()[k].sum()) for p in PII_KINDS}}
+    hist = np.bincount(tokens[kept], minlength=max_len + 1)
+    return pa.table({"counts": [json.dumps(per)], "hist": pa.array([hist.tolist()], type=pa.list_(pa.int64()))})
+
+
+def _percentile(hist: np.ndarray, q: float) -> float:
+    """np.percentile (linear) of the values a histogram counts, without the values themselves."""
+    cum = np.cumsum(hist)
+    pos = (cum[-1] - 1) * q / 100
+    lo, hi = int(math.floor(pos)), int(math.ceil(pos))
+    v_lo, v_hi = (int(np.searchsorted(cum, i + 1)) for i in (lo, hi))
+    return v_lo + (v_hi - v_lo) * (pos - lo)
+
+
 def build_report(cfg: DataConfig, plans, rendered, train, eval_, micro_batch_size: int, tokenizer: TokenizerSpec) -> dict:
     per = {p.index: {
         "name": p.name, "path": p.config["path"], "files": len(p.files),
@@ -459,36 +681,39 @@ def build_report(cfg: DataConfig, plans, rendered, train, eval_, micro_batch_siz
         "duplicates_removed": 0, "truncated": 0, "train_examples": 0, "eval_examples": 0,
         "pii_redacted": {k: 0 for k in PII_KINDS},
     } for p in plans}
-    lengths = []
+    hist = np.zeros(cfg.max_seq_length + 1, dtype=np.int64)
     cols = ["source_idx", "reason", "truncated", "num_tokens", "split"] + ["pii_" + k for k in PII_KINDS]
-    for b in rendered.select_columns(cols).iter_batches(batch_format="pyarrow", batch_size=65536):
-        d = b.to_pydict()
-        for i in range(b.num_rows):
-            s = per[d["source_idx"][i]]
-            s["read"] += 1
-            reason = d["reason"][i]
-            if reason:
-                s["rejected"] += 1
-                s["rejected_by_reason"][reason] = s["rejected_by_reason"].get(reason, 0) + 1
-                if reason == "duplicate":
-                    s["duplicates_removed"] += 1
-                continue
-            s["kept"] += 1
-            s["truncated"] += int(d["truncated"][i])
-            s[d["split"][i] + "_examples"] += 1
-            lengths.append(d["num_tokens"][i])
-            for k in PII_KINDS:
-                s["pii_redacted"][k] += d["pii_" + k][i]
+    summaries = rendered.select_columns(cols).map_batches(
+        summarise_block, batch_format="pyarrow", batch_size=None, fn_kwargs={"max_len": cfg.max_seq_length})
+    for b in summaries.iter_batches(batch_format="pyarrow", batch_size=256):
+        for counts, h in zip(b["counts"].to_pylist(), b["hist"].to_pylist()):
+            h = np.asarray(h, dtype=np.int64)
+            if len(h) > len(hist):
+                hist = np.concatenate([hist, np.zeros(len(h) - len(hist), dtype=np.int64)])
+            hist[: len(h)] += h
+            for s, c in json.loads(counts).items():
+                d = per[int(s)]
+                for k in ("read", "kept", "truncated", "train_examples", "eval_examples"):
+                    d[k] += c[k]
+                for r, n in c["rejected_by_reason"].items():
+                    d["rejected"] += n
+                    d["rejected_by_reason"][r] = d["rejected_by_reason"].get(r, 0) + n
+                    if r == "duplicate":
+                        d["duplicates_removed"] += n
+                for k, n in c["pii_redacted"].items():
+                    d["pii_redacted"][k] += n
     sources = [per[p.index] for p in plans]
+    for s in sources:
+        s["rejected_by_reason"] = dict(sorted(s["rejected_by_reason"].items()))
     totals = {k: sum(s[k] for s in sources) for k in ("read", "kept", "rejected", "duplicates_removed", "truncated", "train_examples", "eval_examples")}
     totals["pii_redacted"] = {k: sum(s["pii_redacted"][k] for s in sources) for k in PII_KINDS}
     report = {"tokenizer": tokenizer.name_or_path, "sources": sources, "totals": totals}
-    lens = np.asarray(lengths, dtype=np.int64)
+    n = int(hist.sum())
     report["sequence_length"] = {
-        "examples": int(lens.size),
-        **({f"p{q}": int(np.percentile(lens, q)) for q in (50, 90, 99)} if lens.size else {}),
-        "max": int(lens.max()) if lens.size else 0,
-        "mean": round(float(lens.mean()), 1) if lens.size else 0.0,
+        "examples": n,
+        **({f"p{q}": int(_percentile(hist, q)) for q in (50, 90, 99)} if n else {}),
+        "max": int(np.nonzero(hist)[0][-1]) if n else 0,
+        "mean": round(float((np.arange(len(hist)) * hist).sum() / n), 1) if n else 0.0,
     }
     report["splits"] = {name: _split_stats(ds, cfg, micro_batch_size) for name, ds in (("train", train), ("eval", eval_))}
     report["totals"]["train_rows_after_weights"] = report["splits"]["train"]["examples"]
@@ -497,18 +722,20 @@ def build_report(cfg: DataConfig, plans, rendered, train, eval_, micro_batch_siz
 
 def _split_stats(ds, cfg: DataConfig, micro_batch_size: int) -> dict:
     tokens, loss_tokens, examples, rows = 0, 0, 0, 0
-    lens = []
-    for b in ds.select_columns(["num_tokens", "num_loss_tokens", "num_examples"]).iter_batches(batch_format="numpy", batch_size=65536):
+    pad = total = 0
+    # Batches of whole micro batches, so the padding of unpacked rows is counted as training batches them.
+    for b in ds.select_columns(["num_tokens", "num_loss_tokens", "num_examples"]).iter_batches(
+            batch_format="numpy", batch_size=micro_batch_size * 8192):
         tokens += int(b["num_tokens"].sum())
         loss_tokens += int(b["num_loss_tokens"].sum())
         examples += int(b["num_examples"].sum())
         rows += len(b["num_tokens"])
-        lens.extend(b["num_tokens"].tolist())
+        if not cfg.packing and len(b["num_tokens"]):
+            p, t = padding_waste_unpacked(b["num_tokens"].tolist(), micro_batch_size)
+            pad, total = pad + p, total + t
     if cfg.packing:
         total = rows * cfg.max_seq_length
         pad = total - tokens
-    else:
-        pad, total = padding_waste_unpacked(lens, micro_batch_size) if lens else (0, 0)
     return {
         "examples": examples, "rows": rows, "tokens": tokens, "loss_tokens": loss_tokens,
         "padding_waste": round(pad / total, 4) if total else 0.0,
@@ -520,9 +747,9 @@ def _split_stats(ds, cfg: DataConfig, micro_batch_size: int) -> dict:
 REJECT_FIELDS = ("source", "file", "row", "line", "reason", "detail", "raw")
 
 
-def write_rejects(rejects, path: str) -> int:
+def write_rejects(rejects, path: str, batch_rows: int = 4096) -> int:
     """Every rejected row as one JSON line (source, file, row, line, reason, detail, raw) to a local path or an
-    object-store URI; returns the count."""
+    object-store URI; returns the count. Streamed in batches: the driver holds one batch at a time."""
     import json
     import os
     import tempfile
@@ -535,14 +762,16 @@ def write_rejects(rejects, path: str) -> int:
     n = 0
     tmp = tempfile.mktemp(suffix=".jsonl") if remote else path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        for row in rejects.iter_rows():
-            rec = {k: row[k] for k in REJECT_FIELDS}
-            rec["line"] = None if rec["line"] < 0 else rec["line"]
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            n += 1
+        for batch in rejects.iter_batches(batch_format="pyarrow", batch_size=batch_rows):
+            for row in batch.select(list(REJECT_FIELDS)).to_pylist():
+                row["line"] = None if row["line"] < 0 else row["line"]
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
     if remote:
-        with open(tmp, "rb") as f:
-            storage.write_bytes(path, f.read())
+        fs, inner = storage.filesystem(path)
+        with open(tmp, "rb") as src, fs.open_output_stream(inner) as dst:
+            while chunk := src.read(8 << 20):
+                dst.write(chunk)
         os.unlink(tmp)
     else:
         os.replace(tmp, path)

@@ -116,6 +116,14 @@ def list_dir(path: str) -> list[str]:
     return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
 
 
+def file_sizes(paths: list[str]) -> list[int]:
+    """Sizes in bytes of files that share one filesystem (one listing request per file on object stores)."""
+    if not paths:
+        return []
+    fs, _ = filesystem(paths[0])
+    return [i.size for i in fs.get_file_info([filesystem(p)[1] for p in paths])]
+
+
 def read_bytes(path: str, limit: Optional[int] = None) -> bytes:
     """A file's bytes; with `limit`, only its first `limit` bytes (a ranged read on object stores)."""
     fs, p = filesystem(path)
