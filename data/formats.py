@@ -311,16 +311,24 @@ def _parquet_head(path: str, limit: int, rows: int = 64) -> Iterator[RawRecord]:
         yield RawRecord(i, None, value, json.dumps(value, ensure_ascii=False, default=str))
 
 
-def read_line_range(path: str, start: int, stop: int, step: int = 1 << 20) -> tuple[bytes, int]:
+def _fs_path(path: str, fs=None):
+    """(filesystem, path inside it): `fs` as given by the driver (it carries the configured endpoint to workers
+    whose environment lacks it), else the one `storage.filesystem` builds."""
+    from .storage import filesystem, is_uri, local_path
+
+    if fs is None:
+        return filesystem(path)
+    return fs, (path.split("://", 1)[1].rstrip("/") if is_uri(path) else local_path(path))
+
+
+def read_line_range(path: str, start: int, stop: int, step: int = 1 << 20, fs=None) -> tuple[bytes, int]:
     """The lines of a text file whose first byte lies in [start, stop), and their count.
 
     Every line belongs to exactly one range, so ranges read by separate tasks together hold each line once: a range
     skips the line cut by its start (the range before it finishes that line) and reads on past `stop` to finish its
     own last line. Ranged reads on object stores; only this range (and one line past it) is read.
     """
-    from .storage import filesystem
-
-    fs, inner = filesystem(path)
+    fs, inner = _fs_path(path, fs)
     with fs.open_input_file(inner) as f:
         size = f.size()
         stop = min(stop, size)
@@ -359,14 +367,12 @@ def parquet_row_groups(path: str) -> list[tuple[int, int]]:
     return out
 
 
-def iter_parquet_groups(path: str, groups: list[int], first_row: int, limit: int) -> Iterator[RawRecord]:
+def iter_parquet_groups(path: str, groups: list[int], first_row: int, limit: int, fs=None) -> Iterator[RawRecord]:
     """Records of some row groups of a Parquet file, read from the file itself (ranged reads), numbered from
     `first_row`; a damaged group rejects each of its rows, as `iter_records` does for a whole file."""
     import pyarrow.parquet as pq
 
-    from .storage import filesystem
-
-    fs, inner = filesystem(path)
+    fs, inner = _fs_path(path, fs)
     try:
         f = fs.open_input_file(inner)
         pf = pq.ParquetFile(f)
@@ -393,8 +399,12 @@ def _parquet_records(pf, groups, row: int) -> Iterator[RawRecord]:
                 yield RawRecord(row, None, None, "", "unparsable_parquet", detail)
 
 
-def read_bytes(path: str, limit: Optional[int] = None) -> bytes:
+def read_bytes(path: str, limit: Optional[int] = None, fs=None) -> bytes:
     """A source file's bytes, or its first `limit` bytes (a ranged read on object stores)."""
+    if fs is not None:
+        fs, inner = _fs_path(path, fs)
+        with fs.open_input_file(inner) as f:
+            return f.read(limit) if limit is not None else f.read()
     if _is_uri(path):
         from .storage import read_bytes as read_remote
 

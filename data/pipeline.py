@@ -305,14 +305,15 @@ def parse_files(batch: pa.Table, plan: dict, redact_pii: bool, raw_limit: int) -
     return pa.concat_tables(tables) if tables else _empty_parsed()
 
 
-def read_units(batch: pa.Table, plans: dict, redact_pii: bool, raw_limit: int, counts):
+def read_units(batch: pa.Table, plans: dict, redact_pii: bool, raw_limit: int, counts, filesystems: dict):
     """Read tasks: each unit of the batch read from storage (ranged reads) and parsed, streamed out in blocks."""
     import ray
 
     for unit in (json.loads(u) for u in batch["unit"].to_pylist()):
         plan, path, i = plans[unit["source_idx"]], unit["file"], unit["unit"]
+        fs = filesystems.get(unit["source_idx"])
         if unit["kind"] == "lines":
-            data, lines = read_line_range(path, unit["start"], unit["stop"])
+            data, lines = read_line_range(path, unit["start"], unit["stop"], fs=fs)
             rows = 0
             for t in parse_records(iter_records(data, "jsonl", raw_limit), path, i, plan, redact_pii, raw_limit):
                 rows += t.num_rows
@@ -320,10 +321,10 @@ def read_units(batch: pa.Table, plans: dict, redact_pii: bool, raw_limit: int, c
             del data
             ray.get(counts.put.remote(i, lines, rows))
         elif unit["kind"] == "row_groups":
-            yield from parse_records(iter_parquet_groups(path, unit["groups"], unit["first_row"], raw_limit), path, i,
-                                     plan, redact_pii, raw_limit)
+            yield from parse_records(iter_parquet_groups(path, unit["groups"], unit["first_row"], raw_limit, fs=fs),
+                                     path, i, plan, redact_pii, raw_limit)
         else:
-            yield from parse_records(iter_records(read_bytes(path), unit["fmt"], raw_limit), path, i, plan,
+            yield from parse_records(iter_records(read_bytes(path, fs=fs), unit["fmt"], raw_limit), path, i, plan,
                                      redact_pii, raw_limit)
 
 
@@ -594,7 +595,7 @@ def prepare(
         rendered = rendered.map_batches(
             read_units, batch_format="pyarrow", batch_size=1,
             fn_kwargs={"plans": plan_of, "redact_pii": cfg.redact_pii, "raw_limit": cfg.rejects_sample_chars,
-                       "counts": counts},
+                       "counts": counts, "filesystems": {p.index: _filesystem_of(p.files) for p in plans}},
         ).map_batches(render_batch, batch_format="pyarrow", batch_size=BLOCK_ROWS,
                       fn_kwargs={"spec": tokenizer, "cfg": conf, "split_of": split_of}).materialize()
         offsets = unit_offsets(units, ray.get(counts.get.remote()))
