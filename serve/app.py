@@ -468,8 +468,16 @@ def replica_failure(app_name: str, fallback: str) -> str:
     texts += [d.message or "" for d in (status.deployments.values() if status else [])]
     reasons = []
     for text in texts:
-        lines = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*[\w.]*(Error|Exception|Refused)\b.*:", ln)]
-        reasons += [ln for ln in lines if not ln.startswith(("ray.exceptions.", "RayActorError", "RuntimeError: Failed"))]
+        lines = text.splitlines()
+        for i, line in enumerate(lines):
+            m = re.match(r"^\s*([\w.]*(?:Error|Exception)):\s*(.*)$", line)
+            if not m or m.group(2).startswith("Traceback") or m.group(1).startswith("ray.exceptions"):
+                continue
+            reason = f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2).strip()}"
+            nxt = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            if nxt and not nxt.startswith(("File ", "Traceback", "For further information")):
+                reason += f" {nxt}"  # a pydantic or wrapped error: its detail is on the next line
+            reasons.append(reason)
     return reasons[-1] if reasons else fallback
 
 

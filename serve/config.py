@@ -110,8 +110,8 @@ class ServeConfig(_Section):
         default=16, ge=1,
         description="vllm engine: the largest LoRA rank served; an adapter of a higher rank is refused at start.",
     )
-    kv_cache_gib: float = Field(
-        default=1.0, gt=0,
+    kv_cache_gib: int = Field(
+        default=1, ge=1,
         description="vllm engine on CPU: GiB of host memory for the paged KV cache per replica "
         "(VLLM_CPU_KVCACHE_SPACE). On GPUs use engine_kwargs.gpu_memory_utilization.",
     )

@@ -77,9 +77,12 @@ def replica_env(cfg: ServeConfig) -> dict[str, str]:
     if cfg.num_gpus_per_replica <= 0:
         threads = min(os.cpu_count() or 1, cfg.torch_threads or max(1, int(cfg.num_cpus_per_replica)))
         env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "RAYFT_ARTIFACT_KEY", CPU_DTYPE_ENV):
-        if os.environ.get(name):  # registry and storage sources are fetched in the replica, on any node
+    # Registry and storage sources are fetched in the replica, on any node: where the object store is goes with it.
+    # Secrets (storage credentials, the artifact key) never travel in a runtime_env, which Ray shows to anyone who
+    # can read the cluster's state: a node has them from its own environment or a mounted file (security.key_file).
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION",
+                 CPU_DTYPE_ENV):
+        if os.environ.get(name):
             env[name] = os.environ[name]
     return env
 
@@ -95,6 +98,9 @@ def build_llm_config(cfg: ServeConfig, model_id: str, with_lora: bool):
         "max_ongoing_requests": cfg.max_ongoing_requests + 8,
         "graceful_shutdown_timeout_s": cfg.graceful_shutdown_s,
         "graceful_shutdown_wait_loop_s": 0.5,
+        # A replica that cannot start (a bad model, a refused file) fails the deploy after 3 tries, not 20 (each try
+        # starts vLLM again); `rayft serve` then prints the replica's reason.
+        "max_constructor_retry_count": 3,
     }
     if cfg.autoscaling:
         options["autoscaling_config"] = cfg.autoscaling.model_dump()

@@ -60,7 +60,7 @@ def server(ray_local, tiny_model_dir, toy_adapters, tmp_path_factory):
         {"sha256": hash_key(KEY_2), "tenant": "two", "adapters": ["b"], "base": False},
     ]))
     port = _free_port()
-    common = dict(port=port, num_cpus_per_replica=0.5, torch_threads=1, batch_wait_timeout_s=0.05, max_batch_size=8)
+    common = dict(engine="hf", port=port, num_cpus_per_replica=0.5, torch_threads=1, batch_wait_timeout_s=0.05, max_batch_size=8)
     merged_cfg = ServeConfig(model=merged_a, model_name="tiny-merged", max_ongoing_requests=4, max_tokens_limit=256,
                              ab_split=ABSplit(name="support", versions=[ABVersion(label="v1", model=merged_a, weight=1),
                                                                         ABVersion(label="v2", model=merged_b, weight=1)]),

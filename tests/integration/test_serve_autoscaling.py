@@ -42,7 +42,7 @@ def test_replicas_follow_load_up_and_back_down(ray_local, tiny_model_dir):
     from rayft.serve.config import AutoscalingSettings, ServeConfig
 
     port = _free_port()
-    cfg = ServeConfig(model=tiny_model_dir, model_name="tiny", port=port, num_cpus_per_replica=0.5, torch_threads=1,
+    cfg = ServeConfig(engine="hf", model=tiny_model_dir, model_name="tiny", port=port, num_cpus_per_replica=0.5, torch_threads=1,
                       max_batch_size=4, batch_wait_timeout_s=0.02, max_tokens_limit=256,
                       autoscaling=AutoscalingSettings(min_replicas=1, max_replicas=2, target_ongoing_requests=2,
                                                       upscale_delay_s=1, downscale_delay_s=4, look_back_period_s=2,

@@ -37,14 +37,14 @@ def test_deployment_options_follow_the_config():
     from rayft.serve.app import build_app
     from rayft.serve.config import AutoscalingSettings, ServeConfig
 
-    d = build_app(ServeConfig(model="/m", num_cpus_per_replica=2, num_gpus_per_replica=0.5, max_ongoing_requests=16,
+    d = build_app(ServeConfig(engine="hf", model="/m", num_cpus_per_replica=2, num_gpus_per_replica=0.5, max_ongoing_requests=16,
                               autoscaling=AutoscalingSettings(min_replicas=1, max_replicas=3, target_ongoing_requests=4)),
                   "/m")._bound_deployment
     auto = d._deployment_config.autoscaling_config
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 3, 4)
     assert d.ray_actor_options["num_cpus"] == 2 and d.ray_actor_options["num_gpus"] == 0.5
     assert d.max_ongoing_requests > 16  # the replica answers 503 itself at 16, Serve lets that through
-    fixed = build_app(ServeConfig(model="/m", num_replicas=2), "/m")._bound_deployment
+    fixed = build_app(ServeConfig(engine="hf", model="/m", num_replicas=2), "/m")._bound_deployment
     assert fixed.num_replicas == 2
 
 

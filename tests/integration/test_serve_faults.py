@@ -54,7 +54,7 @@ def server(ray_local, tiny_model_dir, tmp_path_factory):
     adapter = train_toy_adapter(tiny_model_dir, str(root / "a"), "Yes.", steps=5)
     port = _free_port()
     # Small answers keep fuzzing fast: at most 16 new tokens per request.
-    cfg = ServeConfig(model=tiny_model_dir, model_name="tiny", adapters={"a": adapter}, port=port,
+    cfg = ServeConfig(engine="hf", model=tiny_model_dir, model_name="tiny", adapters={"a": adapter}, port=port,
                       num_cpus_per_replica=0.5, torch_threads=1, batch_wait_timeout_s=0.02, max_batch_size=8,
                       max_tokens_limit=16, default_max_tokens=8)
     serve.start(http_options={"host": "127.0.0.1", "port": port})

