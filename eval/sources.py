@@ -73,6 +73,9 @@ def local_copy(source: str, tracking_uri: Optional[str]) -> Iterator[tuple[str, 
 
         from rayft.registry.versions import manifest_anchor
 
+        if tracking_uri:  # models:/ URIs are resolved by the registry URI, which download_artifacts does not take
+            mlflow.set_tracking_uri(tracking_uri)
+            mlflow.set_registry_uri(tracking_uri)
         try:
             anchor = manifest_anchor(tracking_uri, concrete)
             mlflow.artifacts.download_artifacts(artifact_uri=concrete, dst_path=tmp, tracking_uri=tracking_uri)

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# The eval section's task metrics (eval/config.py; a test holds the two lists equal: registry does not import eval).
+TaskMetric = Literal["exact_match", "token_f1", "rouge_l", "json_valid", "json_schema"]
+TASK_METRICS = ("exact_match", "token_f1", "rouge_l", "json_valid", "json_schema")
 
 
 class _Section(BaseModel):
@@ -29,10 +33,24 @@ class TrackingConfig(_Section):
 class PromotionPolicy(_Section):
     """When the search's best adapter replaces the registered champion."""
 
-    policy: Literal["better_eval_loss", "always", "never"] = Field(
+    policy: Literal["better_eval_loss", "better_metric", "always", "never"] = Field(
         default="better_eval_loss",
         description="`better_eval_loss`: the challenger becomes champion when its eval loss on the same eval set "
-        "beats the champion's by more than `min_improvement` (or when there is no champion); `always`; `never` "
-        "(alias `challenger` only).",
+        "beats the champion's by more than `min_improvement` (or when there is no champion); `better_metric`: both "
+        "answer the same golden set (eval section) and the challenger becomes champion only when the lower end of "
+        "the `confidence` interval of its gain in `metric` (paired bootstrap) exceeds `min_improvement`; `always`; "
+        "`never` (alias `challenger` only).",
     )
-    min_improvement: float = Field(default=0.0, ge=0.0, description="Required eval-loss margin.")
+    metric: Optional[TaskMetric] = Field(
+        default=None, description="With better_metric: the task metric compared (higher is better).")
+    min_improvement: float = Field(
+        default=0.0, ge=0.0, description="Required margin: of eval loss, or with better_metric of `metric`.")
+    confidence: float = Field(
+        default=0.95, gt=0.0, lt=1.0, description="With better_metric: level of the paired bootstrap interval.")
+
+    @model_validator(mode="after")
+    def _metric_for_better_metric(self):
+        if self.policy == "better_metric" and self.metric is None:
+            raise ValueError("policy better_metric needs `metric`: the task metric the challenger must improve, one "
+                             f"of {', '.join(TASK_METRICS)} (for example metric: token_f1)")
+        return self

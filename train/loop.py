@@ -94,6 +94,7 @@ def train_loop_per_worker(config: dict) -> None:
             evaluated = eval_due(state)
             if evaluated:
                 metrics.update(evaluate(state))
+                metrics.update(task_metrics(state, config.get("task_eval")))
                 observe_eval_loss(state, metrics["eval_loss"])
             epoch_done = advance_position(state)
             with_checkpoint = evaluated or checkpoint_due(state)
@@ -335,6 +336,24 @@ def _padding_rows(pad_token_id: int) -> dict:
 
     return {"input_ids": np.array([[pad_token_id]]), "labels": np.array([[IGNORE_INDEX]]),
             "position_ids": np.array([[0]])}
+
+
+def task_metrics(state: WorkerState, payload: Optional[dict]) -> dict:
+    """A search's task metric (`tune.metric`) on its sample of the golden set; nothing when the search ranks trials
+    by eval loss. Every rank takes part (rayft/eval/in_training.py)."""
+    if not payload:
+        return {}
+    from rayft.data.pipeline import TokenizerSpec, load_tokenizer
+    from rayft.eval.in_training import score_sample
+
+    tokenizer = load_tokenizer(TokenizerSpec(**payload["tokenizer"]))
+    state.engine.eval()
+    try:
+        return score_sample(state.engine.module, tokenizer, payload, state.rank, state.world,
+                            lambda *values: all_sum(state, *values),
+                            zero3=state.train.deepspeed.zero_stage == 3 and state.world > 1)
+    finally:
+        state.engine.train()
 
 
 def observe_eval_loss(state: WorkerState, eval_loss: float) -> None:

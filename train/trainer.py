@@ -121,6 +121,7 @@ class TrainingData:
     fingerprint: str
     plan: dict  # for the config's own train section
     rejects: Any = None  # ray.data.Dataset of rejected rows (written to <run>/rejects.jsonl)
+    task_eval: Optional[dict] = None  # a search's task metric and its golden sample (eval/in_training.py)
 
 
 def plan_for(train: TrainConfig, data: "TrainingData") -> dict:
@@ -269,6 +270,7 @@ def build_trainer(run: FitRun, cfg, data: TrainingData, *, resume: bool, callbac
             # So does the security section (pickle weights, manifests, checkpoint encryption): where the artifact
             # key is (key_env, key_file), never the key.
             "security": cfg.security.model_dump(mode="json"),
+            "task_eval": data.task_eval,  # scored at each evaluation step when the search ranks by a task metric
         },
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker,

@@ -77,13 +77,37 @@ class TuneConfig(_Section):
     algorithm: Literal["random", "optuna"] = Field(
         default="random", description="`random` (grid domains enumerate) or Optuna TPE (needs `pip install optuna`)."
     )
-    metric: Literal["eval_loss"] = Field(default="eval_loss", description="What the search minimises.")
+    metric: str = Field(
+        default="eval_loss",
+        description="What ASHA and the choice of the best trial rank by: `eval_loss`, or a task metric of the eval "
+        "section (exact_match, token_f1, rouge_l, json_valid, json_schema), computed at every evaluation step on "
+        "`eval.search_sample` examples of the golden set.")
+    mode: Optional[Literal["min", "max"]] = Field(
+        default=None, description="Whether lower or higher `metric` is better; unset: min for eval_loss, max for a "
+        "task metric.")
     asha: AshaSettings = Field(default_factory=AshaSettings, description="Early stopping of trials.")
     max_concurrent_trials: Optional[int] = Field(
         default=None, ge=1, description="Trials at once; unset: as many as the cluster's CPUs/GPUs fit."
     )
     seed: int = Field(default=0, description="Seed of the search algorithm.")
     promotion: PromotionPolicy = Field(default_factory=PromotionPolicy, description="Champion policy.")
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        from rayft.eval.config import METRIC_NAMES
+
+        if v not in ("eval_loss", *METRIC_NAMES):
+            raise ValueError(f"unknown metric; use eval_loss or a task metric: {', '.join(METRIC_NAMES)}")
+        return v
+
+    @property
+    def metric_mode(self) -> str:
+        return self.mode or ("min" if self.metric == "eval_loss" else "max")
+
+    @property
+    def is_task_metric(self) -> bool:
+        return self.metric != "eval_loss"
 
     @model_validator(mode="after")
     def _optuna_takes_distributions_only(self):

@@ -1,8 +1,11 @@
-"""`rayft tune`: Ray Tune over the training loop, ASHA on eval loss, then export, register and promote.
+"""`rayft tune`: Ray Tune over the training loop, ASHA on eval loss (or a task metric), then export, register and
+promote.
 
 Each trial is a real distributed training run: a small driver task per trial starts one TorchTrainer
 (the same `train_loop_per_worker` as `rayft train`) whose reports reach Tune through
-`TuneReportCallback`. The data is prepared once and shared by every trial.
+`TuneReportCallback`. The data is prepared once and shared by every trial. With `tune.metric` naming a task
+metric, the workers also score a fixed sample of the golden set at each evaluation step (eval/in_training.py),
+and ASHA and the choice of the best trial rank by it.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ class TrialRow:
     stopped_early: bool
     status: str
     run_dir: Optional[str]
+    best_metric: Optional[float] = None  # of tune.metric over the trial's evaluations (eval loss: best_eval_loss)
 
 
 @dataclass
@@ -48,6 +52,8 @@ class SearchOutcome:
     merged_dir: Optional[str] = None
     mlflow_parent_run_id: Optional[str] = None
     notes: list[str] = field(default_factory=list)
+    metric: str = "eval_loss"
+    mode: str = "min"
 
     @property
     def compute_fraction(self) -> float:
@@ -147,6 +153,9 @@ def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) ->
     concurrency = check_fits(cfg.train, cluster, tcfg.max_concurrent_trials, tcfg)
 
     data = prepare_training_data(cfg, log=log)
+    metric, mode = tcfg.metric, tcfg.metric_mode
+    if tcfg.is_task_metric:
+        data.task_eval = task_eval_payload(cfg, log)
     max_steps = tcfg.asha.max_steps or data.plan["total_steps"]
     search_train = cfg.train.model_copy(update={"max_steps": max_steps})
     cfg = cfg.model_copy(update={"train": search_train})
@@ -159,7 +168,7 @@ def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) ->
                              {"rayft.kind": "search", "dataset_fingerprint": data.fingerprint})
     parent = {"uri": uri, "run_id": parent_id} if parent_id else None
 
-    scheduler = (ASHAScheduler(time_attr="global_step", metric="eval_loss", mode="min", max_t=max_steps,
+    scheduler = (ASHAScheduler(time_attr="global_step", metric=metric, mode=mode, max_t=max_steps,
                                grace_period=min(tcfg.asha.grace_period_steps, max_steps),
                                reduction_factor=tcfg.asha.reduction_factor)
                  if tcfg.asha.enabled else FIFOScheduler())
@@ -179,7 +188,7 @@ def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) ->
             from ray.tune.search.optuna import OptunaSearch
         except ImportError as e:
             raise SearchError(f"tune.algorithm: optuna needs the optuna package ({e}); pip install optuna, or use random") from None
-        search_alg = OptunaSearch(metric="eval_loss", mode="min", seed=tcfg.seed)
+        search_alg = OptunaSearch(metric=metric, mode=mode, seed=tcfg.seed)
 
     tune_path, tune_fs = storage.train_storage(root)  # Tune's experiment state goes to the same storage
     path = storage.train_storage(search_dir)[0]
@@ -196,11 +205,11 @@ def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) ->
             # The metric lives in the scheduler or the search algorithm when they are used (Tune refuses both).
             tune_config=tune.TuneConfig(num_samples=tcfg.num_samples, scheduler=scheduler, search_alg=search_alg,
                                         max_concurrent_trials=concurrency,
-                                        **({} if tcfg.asha.enabled or search_alg else {"metric": "eval_loss", "mode": "min"})),
+                                        **({} if tcfg.asha.enabled or search_alg else {"metric": metric, "mode": mode})),
             run_config=tune.RunConfig(name=search_name, storage_path=tune_path, storage_filesystem=tune_fs, verbose=0),
         )
     log(f"search: {tcfg.num_samples} trial(s), up to {concurrency} at once, {max_steps} steps each at most, "
-        f"ASHA {'on' if tcfg.asha.enabled else 'off'}")
+        f"ASHA {'on' if tcfg.asha.enabled else 'off'}, ranked by {metric} ({mode})")
     t0 = time.time()
     printer.start()
     try:
@@ -211,7 +220,7 @@ def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) ->
             ray.kill(log_queue.actor)
         except Exception:
             pass
-    outcome = summarise(grid, max_steps, search_dir)
+    outcome = summarise(grid, max_steps, search_dir, metric, mode)
     log(format_table(outcome))
     log(f"compute: {outcome.steps_run} trial-steps run of {outcome.steps_full} a full search would run "
         f"({100 * (1 - outcome.compute_fraction):.0f}% saved) in {time.time() - t0:.0f}s")
@@ -224,8 +233,11 @@ def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) ->
         c.log_metric(parent_id, "trial_steps_full", outcome.steps_full)
         if outcome.best and outcome.best.best_eval_loss is not None:
             c.log_metric(parent_id, "best_eval_loss", outcome.best.best_eval_loss)
+        if outcome.best and metric != "eval_loss" and outcome.best.best_metric is not None:
+            c.log_metric(parent_id, f"best_{metric}", outcome.best.best_metric)
     if outcome.best is None:
-        raise SearchError("no trial finished with an eval loss; see the trial errors above")
+        raise SearchError(f"no trial finished with {'an eval loss' if metric == 'eval_loss' else 'a ' + metric}; see the "
+                          f"trial errors above")
     from .champion import crown
 
     crown(cfg, outcome, data, uri, log)
@@ -234,24 +246,58 @@ def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) ->
     return outcome
 
 
-def summarise(grid, max_steps: int, search_dir: str) -> SearchOutcome:
+def task_eval_payload(cfg, log: Callable[[str], None]) -> dict:
+    """The golden sample the trials score `tune.metric` on: `eval.search_sample` examples, the same for every
+    trial and evaluation step."""
+    from rayft.data.pipeline import TokenizerSpec, load_tokenizer
+    from rayft.eval.config import EvalError
+    from rayft.eval.golden import load_golden
+    from rayft.eval.in_training import build_payload
+
+    ecfg, model = cfg.eval, cfg.model
+    spec = TokenizerSpec(model.tokenizer_name_or_path, model.revision, model.trust_remote_code)
+    try:
+        golden = load_golden(cfg.data, ecfg.sources, log=lambda m: None)
+        examples = golden.sample(ecfg.search_sample, ecfg.seed)
+        payload = build_payload(examples, cfg.tune.metric, ecfg, load_tokenizer(spec),
+                                {"name_or_path": spec.name_or_path, "revision": spec.revision,
+                                 "trust_remote_code": spec.trust_remote_code}, cfg.data.chat_template)
+    except EvalError as e:
+        raise SearchError(f"tune.metric {cfg.tune.metric}: {e}") from None
+    log(f"search metric: {cfg.tune.metric} on {len(examples)} example(s) of the {golden.describe()} "
+        f"(eval.search_sample), scored at every evaluation step")
+    return payload
+
+
+def summarise(grid, max_steps: int, search_dir: str, metric: str = "eval_loss", mode: str = "min") -> SearchOutcome:
     rows = []
     for r in grid:
         df = r.metrics_dataframe
-        best = None
-        if df is not None and "eval_loss" in df:
-            vals = df["eval_loss"].dropna()
-            best = float(vals.min()) if len(vals) else None
+        best = _best(df, "eval_loss", "min")
+        best_metric = _best(df, metric, mode)
         steps = int(df["global_step"].max()) if df is not None and "global_step" in df and len(df) else 0
         params = {k: v for k, v in (r.config or {}).items() if k.startswith("train.")}
         trial_id = _trial_id(r)
         trial_dir = storage.join(search_dir, "trials", f"trial-{trial_id}") if trial_id else None
         run_dir = trial_dir if trial_dir and storage.is_file(storage.join(trial_dir, "rayft_run.json")) else None
         rows.append(TrialRow(trial_id or "?", params, best, steps, stopped_early=steps < max_steps and r.error is None,
-                             status="ERROR" if r.error else "TERMINATED", run_dir=run_dir))
-    done = [t for t in rows if t.best_eval_loss is not None and t.run_dir]
-    best = min(done, key=lambda t: t.best_eval_loss) if done else None
-    return SearchOutcome(search_dir, rows, best, steps_run=sum(t.steps for t in rows), steps_full=len(rows) * max_steps)
+                             status="ERROR" if r.error else "TERMINATED", run_dir=run_dir, best_metric=best_metric))
+    done = [t for t in rows if t.best_metric is not None and t.run_dir]
+    sign = 1.0 if mode == "min" else -1.0
+    # Ties (a task metric on a small sample often ties) go to the lower eval loss.
+    best = min(done, key=lambda t: (sign * t.best_metric, t.best_eval_loss if t.best_eval_loss is not None
+                                    else math.inf)) if done else None
+    return SearchOutcome(search_dir, rows, best, steps_run=sum(t.steps for t in rows), steps_full=len(rows) * max_steps,
+                         metric=metric, mode=mode)
+
+
+def _best(df, column: str, mode: str) -> Optional[float]:
+    if df is None or column not in df:
+        return None
+    vals = df[column].dropna()
+    if not len(vals):
+        return None
+    return float(vals.min() if mode == "min" else vals.max())
 
 
 def _trial_id(result) -> Optional[str]:
@@ -262,16 +308,21 @@ def _trial_id(result) -> Optional[str]:
 
 def format_table(o: SearchOutcome) -> str:
     keys = sorted({k for t in o.trials for k in t.params})
-    head = ["trial"] + [k.removeprefix("train.") for k in keys] + ["best eval loss", "steps", "stopped early", "status"]
+    task = o.metric != "eval_loss"
+    head = (["trial"] + [k.removeprefix("train.") for k in keys] + ["best eval loss"] + ([f"best {o.metric}"] if task
+            else []) + ["steps", "stopped early", "status"])
     rows = []
-    for t in sorted(o.trials, key=lambda t: (t.best_eval_loss is None, t.best_eval_loss or 0.0)):
-        rows.append([t.trial_id] + [_fmt(t.params.get(k)) for k in keys] +
-                    [_fmt(t.best_eval_loss), str(t.steps), "yes" if t.stopped_early else "no", t.status])
+    sign = 1.0 if o.mode == "min" else -1.0
+    for t in sorted(o.trials, key=lambda t: (t.best_metric is None, sign * (t.best_metric or 0.0))):
+        rows.append([t.trial_id] + [_fmt(t.params.get(k)) for k in keys] + [_fmt(t.best_eval_loss)] +
+                    ([_fmt(t.best_metric)] if task else []) +
+                    [str(t.steps), "yes" if t.stopped_early else "no", t.status])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
     if o.best:
-        out.append(f"best: trial {o.best.trial_id} (eval loss {_fmt(o.best.best_eval_loss)})")
+        out.append(f"best: trial {o.best.trial_id} (eval loss {_fmt(o.best.best_eval_loss)}"
+                   + (f", {o.metric} {_fmt(o.best.best_metric)})" if task else ")"))
     return "\n".join(out)
 
 
