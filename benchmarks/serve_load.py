@@ -1,4 +1,13 @@
-"""Serving benchmark: a closed-loop load generator against rayft's OpenAI endpoint on loopback.
+"""Serving benchmark: the vllm and hf engines, and the hf engine's own options, under load on loopback.
+
+Default (`--suite engines`): the vllm engine (Ray Serve LLM on vLLM) and the hf engine in the same run, same
+merged model, same client: closed loop at concurrency 1, 8 and 32; open loop (Poisson arrivals) at an offered rate
+the hf engine sustains (`--rate`, default 60% of hf's closed-loop requests/s at concurrency 8); and on the vllm
+engine, base + 8 adapters mixed in every batch against the merged model, at concurrency 32. Reported per level:
+output tokens/s, time to first token p50/p99, inter-token latency p50/p99 (per request: (latency - TTFT) /
+(tokens - 1)), errors, and the load average. Goals printed with the ratios.
+
+`--suite hf`: the hf engine's options, as below.
 
 Each client thread sends a streaming chat request, waits for `[DONE]`, and sends the next (closed loop),
 until the request budget or the time limit of the level runs out. Measured per level: requests/s, output
@@ -82,7 +91,9 @@ def one_request(port: int, prefix: str, model: str, prompt: str, max_tokens: int
                 text += piece
     conn.close()
     end = time.perf_counter() - t0
-    return {"ok": True, "latency_s": end, "ttft_s": ttft if ttft is not None else end, "tokens": tokens, "text": text}
+    first = ttft if ttft is not None else end
+    itl = (end - first) / (tokens - 1) if tokens > 1 else None
+    return {"ok": True, "latency_s": end, "ttft_s": first, "itl_s": itl, "tokens": tokens, "text": text}
 
 
 def load(port: int, prefix: str, models: list[str], concurrency: int, requests: int, time_limit_s: float,
@@ -115,6 +126,7 @@ def load(port: int, prefix: str, models: list[str], concurrency: int, requests: 
     ok = [r for r in results if r["ok"]]
     lat = sorted(r["latency_s"] for r in ok)
     ttft = sorted(r["ttft_s"] for r in ok)
+    itl = sorted(r["itl_s"] for r in ok if r.get("itl_s") is not None)
 
     def pct(xs, p):
         return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
@@ -122,8 +134,54 @@ def load(port: int, prefix: str, models: list[str], concurrency: int, requests: 
     return {"concurrency": concurrency, "requests": len(results), "errors": len(results) - len(ok), "wall_s": wall,
             "req_per_s": len(ok) / wall, "out_tok_per_s": sum(r["tokens"] for r in ok) / wall,
             "p50_latency_s": pct(lat, 50), "p99_latency_s": pct(lat, 99), "p50_ttft_s": pct(ttft, 50),
-            "p99_ttft_s": pct(ttft, 99), "mean_tokens": statistics.mean(r["tokens"] for r in ok) if ok else 0,
+            "p99_ttft_s": pct(ttft, 99), "p50_itl_s": pct(itl, 50), "p99_itl_s": pct(itl, 99), "mean_tokens": statistics.mean(r["tokens"] for r in ok) if ok else 0,
             "answers": {r["i"]: r["text"] for r in ok}}
+
+
+def open_loop(port: int, prefix: str, models: list[str], rate_per_s: float, duration_s: float, max_tokens: int,
+              seed: int = 0) -> dict:
+    """Open loop: requests arrive as a Poisson process at `rate_per_s` for `duration_s`, each sent at its arrival
+    whatever the server is doing (a slow server meets a queue, as in production); the same arrival times for every
+    engine (seeded)."""
+    import random
+
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate_per_s)
+        if t > duration_s:
+            break
+        arrivals.append(t)
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def send(i):
+        r = one_request(port, prefix, models[i % len(models)], PROMPTS[i % len(PROMPTS)], max_tokens)
+        with lock:
+            results.append(r)
+
+    t0 = time.perf_counter()
+    threads = []
+    for i, at in enumerate(arrivals):
+        delay = t0 + at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        th = threading.Thread(target=send, args=(i,))
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r["ok"]]
+    ttft = sorted(r["ttft_s"] for r in ok)
+    itl = sorted(r["itl_s"] for r in ok if r.get("itl_s") is not None)
+
+    def pct(xs, p):
+        return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+    return {"offered_req_per_s": rate_per_s, "requests": len(results), "errors": len(results) - len(ok),
+            "wall_s": wall, "out_tok_per_s": sum(r["tokens"] for r in ok) / wall, "p50_ttft_s": pct(ttft, 50),
+            "p99_ttft_s": pct(ttft, 99), "p50_itl_s": pct(itl, 50), "p99_itl_s": pct(itl, 99)}
 
 
 def loadavg() -> str:
@@ -186,6 +244,11 @@ def main() -> int:
     ap.add_argument("--workdir", help="where the model, adapters and merged model are built (reused when present)")
     ap.add_argument("--stream-interval-s", type=float, default=0.05, help="serve.stream_interval_s")
     ap.add_argument("--batch-wait-timeout-s", type=float, default=0.05, help="serve.batch_wait_timeout_s")
+    ap.add_argument("--suite", choices=["engines", "hf"], default="engines",
+                    help="engines: vllm vs hf (default); hf: the hf engine's options")
+    ap.add_argument("--rate", type=float, help="open-loop offered requests/s (default: 60%% of hf's c=8 req/s)")
+    ap.add_argument("--open-loop-s", type=float, default=30.0, help="open-loop duration")
+    ap.add_argument("--dtype", default="auto", help="vllm engine dtype (serve.dtype; auto is float32 on CPU)")
     args = ap.parse_args()
 
     from ray import serve
@@ -221,6 +284,8 @@ def main() -> int:
         mark("merged")
     print(f"setup: model (hidden {args.hidden_size}, {args.layers} layers), 8 adapters, merge in "
           f"{time.perf_counter() - t0:.1f}s", flush=True)
+    if args.suite == "engines":
+        return compare_engines(args, base, merged, adapters)
     if args.engine_reps:
         eo = engine_only(base, merged, adapters, args.max_tokens, args.engine_reps)
         print(f"engine only, batch of 32: merged {eo['merged_tok_per_s']:.0f} tok/s, base + 8 adapters mixed "
@@ -295,6 +360,86 @@ def main() -> int:
                 for r in v.values():
                     if isinstance(r, dict) and "answers" in r:
                         r.pop("answers", None)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+def compare_engines(args, base: str, merged: str, adapters: dict[str, str]) -> int:
+    """vllm vs hf on the same merged model and client; then 8 mixed adapters vs merged on vllm."""
+    from ray import serve
+
+    from rayft.cluster.ray_conn import connect
+    from rayft.serve.config import ServeConfig
+
+    print(connect(num_cpus=2), flush=True)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    threads = os.cpu_count() or 2
+    common = dict(port=port, max_ongoing_requests=64, max_tokens_limit=256, max_batch_size=32)
+    engines = {
+        # Each engine gets the machine's cores for its compute: the hf replica `threads` torch threads, the vLLM
+        # worker its OpenMP threads bound to the same cores. The HTTP proxy and this client share them.
+        "hf": ServeConfig(engine="hf", model=merged, model_name="m", num_cpus_per_replica=1, torch_threads=threads,
+                          batch_wait_timeout_s=args.batch_wait_timeout_s, stream_interval_s=args.stream_interval_s,
+                          **common),
+        "vllm": ServeConfig(engine="vllm", model=merged, model_name="m", num_cpus_per_replica=1, torch_threads=threads,
+                            dtype=args.dtype, max_model_len=512, **common),
+    }
+    T, M = args.time_limit_s, args.max_tokens
+    results: dict = {"setup": {"hidden_size": args.hidden_size, "layers": args.layers, "max_tokens": M,
+                               "requests_per_level": args.requests, "time_limit_s": T, "cpus": os.cpu_count(),
+                               "vllm_dtype": args.dtype}}
+
+    def closed(label, models, levels):
+        load(port, "/bench", models, 2, 4, T, M)  # warm-up
+        out = {}
+        for c in levels:
+            r = load(port, "/bench", models, c, max(8, args.requests // 4) if c == 1 else args.requests, T, M)
+            r.pop("answers", None)
+            r["loadavg_1m"] = loadavg()
+            out[c] = r
+            print(f"{label:<26} c={c:<3} {r['out_tok_per_s']:8.1f} tok/s  ttft p50 {r['p50_ttft_s']:.3f}s "
+                  f"p99 {r['p99_ttft_s']:.3f}s  itl p50 {r['p50_itl_s'] * 1e3:.1f}ms p99 {r['p99_itl_s'] * 1e3:.1f}ms  "
+                  f"({r['requests']} req, {r['errors']} err)  load avg {r['loadavg_1m']}", flush=True)
+        return out
+
+    rate = args.rate
+    for name in ("hf", "vllm"):
+        secs = deploy(engines[name], merged, "bench")
+        print(f"{name}: deployed in {secs:.1f}s", flush=True)
+        results[name] = closed(f"{name}, merged", ["m"], [1, 8, 32])
+        if rate is None:
+            rate = round(0.6 * results["hf"][8]["req_per_s"], 2)
+        r = open_loop(port, "/bench", ["m"], rate, args.open_loop_s, M)
+        r["loadavg_1m"] = loadavg()
+        results[name]["open_loop"] = r
+        print(f"{name + ', open loop':<26} {rate:.2f} req/s offered: {r['out_tok_per_s']:8.1f} tok/s  ttft p50 "
+              f"{r['p50_ttft_s']:.3f}s p99 {r['p99_ttft_s']:.3f}s  itl p50 {r['p50_itl_s'] * 1e3:.1f}ms p99 "
+              f"{r['p99_itl_s'] * 1e3:.1f}ms  ({r['requests']} req, {r['errors']} err)  load avg {r['loadavg_1m']}",
+              flush=True)
+        serve.delete("bench")
+    lora_cfg = engines["vllm"].model_copy(update={"model": base, "model_name": "b", "adapters": adapters,
+                                                  "adapter_cache_size": 8})
+    deploy(lora_cfg, base, "bench")
+    results["vllm_lora8_mixed"] = closed("vllm, base + 8 adapters", [f"b:ad{i}" for i in range(8)], [32])
+    serve.delete("bench")
+    serve.shutdown()
+
+    v, h = results["vllm"], results["hf"]
+    ratios = {
+        "vllm_vs_hf_tok_per_s_c32": v[32]["out_tok_per_s"] / h[32]["out_tok_per_s"],
+        "vllm_vs_hf_p99_ttft_open_loop": v["open_loop"]["p99_ttft_s"] / h["open_loop"]["p99_ttft_s"],
+        "vllm_lora8_mixed_vs_merged_c32": results["vllm_lora8_mixed"][32]["out_tok_per_s"] / v[32]["out_tok_per_s"],
+    }
+    results["ratios"] = ratios
+    print(f"\nratios (load average now {loadavg()} on {os.cpu_count()} CPUs):")
+    print(f"  vllm vs hf, output tokens/s at c=32:            {ratios['vllm_vs_hf_tok_per_s_c32']:.2f}x  (goal >= 1.5x)")
+    print(f"  vllm vs hf, p99 TTFT open loop at {rate:.2f} req/s:  {ratios['vllm_vs_hf_p99_ttft_open_loop']:.2f}x  "
+          f"(goal <= 0.5x; hf errors {h['open_loop']['errors']})")
+    print(f"  vllm, 8 mixed adapters vs merged at c=32:       {ratios['vllm_lora8_mixed_vs_merged_c32']:.2f}x  "
+          f"(goal >= 0.7x)")
+    if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
     return 0

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from .config import ServeConfig, ServeStartError
-from .gate import DEFAULT_VERSION, VERSION_HEADER, Gate, served_name
+from .gate import DEFAULT_VERSION, VERSION_HEADER, Gate, load_keys, served_name
 from .schemas import APIError, ChatRequest, CompletionRequest, openapi_request_body, parse_request
 
 log = logging.getLogger("rayft.serve")
@@ -118,7 +118,8 @@ class _Metrics:
 @serve.ingress(api)
 class OpenAIServer:
     def __init__(self, serve_cfg: dict, model_path: str, tracking_uri: Optional[str] = None,
-                 security_cfg: Optional[dict] = None, submitted_by: Optional[str] = None):
+                 security_cfg: Optional[dict] = None, submitted_by: Optional[str] = None,
+                 keys: Optional[list[dict]] = None):
         from rayft.security.config import SecurityConfig
 
         from .adapters import find_adapters
@@ -142,7 +143,8 @@ class OpenAIServer:
         if cfg.ab_split:
             for v in cfg.ab_split.versions:
                 self.engines[v.label] = Engine(self._resolve(v.model), **common)
-        self.gate = Gate(cfg, self.name, find_adapters(cfg.adapters, cfg.adapters_dir), security_cfg, submitted_by)
+        self.gate = Gate(cfg, self.name, find_adapters(cfg.adapters, cfg.adapters_dir), security_cfg, submitted_by,
+                         keys=keys)
         self.generate_batch.set_max_batch_size(cfg.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
@@ -228,7 +230,7 @@ class OpenAIServer:
             raise APIError(400, "the request body is not valid JSON; send a JSON object with model and "
                            + ("messages" if chat else "prompt")) from None
         req = parse_request(ChatRequest if chat else CompletionRequest, body)
-        version, adapter = self.gate.route(req.model)
+        version, adapter = self.gate.route(req.model, req.user)
         self.gate.check_infer(who, req.model, adapter)
         gen = self._gen_request(req, chat, version, adapter)
         self.gate.check_capacity()
@@ -387,6 +389,9 @@ def build_app(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = N
     sec = security or SecurityConfig()
     sec = sec.model_copy(update={"policy_file": sec.resolved_policy_file, "audit_log": sec.resolved_audit_log})
     submitted_by = os.environ.get(SUBMITTED_BY_ENV) or None
+    keys = load_keys(cfg)
+    if keys is not None and not cfg.api_keys_file:  # from RAYFT_API_KEYS_FILE: the replica's config says keys are on
+        cfg = cfg.model_copy(update={"api_keys_file": os.environ.get("RAYFT_API_KEYS_FILE")})
     if cfg.resolved_engine(log) == "vllm":
         from .adapters import find_adapters
         from .ingress import build_ingress
@@ -396,7 +401,7 @@ def build_app(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = N
         for v in cfg.ab_split.versions if cfg.ab_split else []:
             sources[v.label] = (cfg.ab_split.name, v.model)
         return build_ingress(cfg, name, sources, find_adapters(cfg.adapters, cfg.adapters_dir), tracking_uri,
-                             sec.model_dump(), submitted_by)
+                             sec.model_dump(), submitted_by, keys)
     opts: dict[str, Any] = dict(
         # Serve lets a few more through than we accept so the replica itself answers 503 + Retry-After.
         max_ongoing_requests=cfg.max_ongoing_requests + 8,
@@ -411,7 +416,8 @@ def build_app(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = N
         opts["autoscaling_config"] = a.model_dump()  # our field names are Ray Serve's
     else:
         opts["num_replicas"] = cfg.num_replicas
-    return OpenAIServer.options(**opts).bind(cfg.model_dump(), model_path, tracking_uri, sec.model_dump(), submitted_by)
+    return OpenAIServer.options(**opts).bind(cfg.model_dump(), model_path, tracking_uri, sec.model_dump(), submitted_by,
+                                             keys)
 
 
 def check_sources(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = None, security=None,

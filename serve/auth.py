@@ -41,6 +41,16 @@ class KeyStore:
     def __init__(self, entries: dict[str, Principal]):
         self.entries = entries
 
+    def to_entries(self) -> list[dict]:
+        """The hashed entries, as the deployment carries them to every replica (never a key itself)."""
+        return [{"sha256": h, "tenant": p.tenant, "adapters": "*" if p.adapters == "*" else sorted(p.adapters),
+                 "base": p.base} for h, p in self.entries.items()]
+
+    @classmethod
+    def from_entries(cls, entries: list[dict]) -> "KeyStore":
+        return cls({e["sha256"]: Principal(e["tenant"], "*" if e["adapters"] == "*" else frozenset(e["adapters"]),
+                                           bool(e.get("base", True))) for e in entries})
+
     @classmethod
     def from_file(cls, path: str) -> "KeyStore":
         import yaml

@@ -10,11 +10,20 @@ import random
 import time
 from typing import Optional
 
-from .config import ServeConfig
+from .config import LOOPBACK_HOSTS, ServeConfig
 from .schemas import APIError
 
 VERSION_HEADER = "x-rayft-model-version"
 DEFAULT_VERSION = "default"
+
+
+def load_keys(cfg: ServeConfig) -> Optional[list[dict]]:
+    """The hashed API keys from serve.api_keys_file or RAYFT_API_KEYS_FILE, read where `rayft serve` runs; None when
+    neither is set."""
+    from .auth import KeyStore
+
+    path = cfg.api_keys_file or os.environ.get("RAYFT_API_KEYS_FILE")
+    return KeyStore.from_file(path).to_entries() if path else None
 
 
 def served_name(cfg: ServeConfig, model_path: str) -> str:
@@ -23,7 +32,8 @@ def served_name(cfg: ServeConfig, model_path: str) -> str:
 
 class Gate:
     def __init__(self, cfg: ServeConfig, name: str, catalogue: dict[str, str], security_cfg: Optional[dict] = None,
-                 submitted_by: Optional[str] = None, capacity: Optional[int] = None):
+                 submitted_by: Optional[str] = None, capacity: Optional[int] = None,
+                 keys: Optional[list[dict]] = None):
         from rayft.security.access import AuditLog, load_policy
         from rayft.security.config import SecurityConfig
 
@@ -36,10 +46,13 @@ class Gate:
         self.policy = load_policy(self.security.policy_file) if self.security.policy_file else None
         # `submitted_by`: who submitted the job that deployed this app (rayft submit), recorded in every audit line.
         self.audit = AuditLog(self.security.audit_log, submitted_by) if self.security.audit_log else None
-        keys_file = cfg.api_keys_file or os.environ.get("RAYFT_API_KEYS_FILE")
-        self.keys = KeyStore.from_file(keys_file) if keys_file else None
-        if cfg.require_api_keys and self.keys is None:
-            raise ValueError("serve.require_api_keys is true but no keys file is set (serve.api_keys_file)")
+        # The keys (their hashes) travel with the deployment (read by the driver, load_keys): a replica never depends
+        # on its node having the file or RAYFT_API_KEYS_FILE, and never serves a public address without them.
+        self.keys = KeyStore.from_entries(keys) if keys is not None else None
+        if self.keys is None and (cfg.require_api_keys or cfg.host not in LOOPBACK_HOSTS):
+            raise ValueError(f"refusing to serve on {cfg.host!r} without API keys (serve.require_api_keys is "
+                             f"{cfg.require_api_keys}); set serve.api_keys_file (or RAYFT_API_KEYS_FILE) where "
+                             f"`rayft serve` runs")
         self.rng = random.Random(cfg.seed)
         self.inflight = 0
         self.capacity = capacity or cfg.max_ongoing_requests
@@ -60,12 +73,27 @@ class Gate:
             raise
 
     # -- what ---------------------------------------------------------------------------------------------
-    def route(self, model: str) -> tuple[str, Optional[str]]:
-        """`model` -> (version, adapter). Unknown names are 404s; never a fallback to the base."""
+    def route(self, model: str, user: Optional[str] = None) -> tuple[str, Optional[str]]:
+        """`model` -> (version, adapter). Unknown names are 404s; never a fallback to the base.
+
+        An A/B name draws a version by weight; a request with OpenAI's `user` field always gets the same version
+        for that user (a hash of the user and the split's name picks the point in the weights), so a conversation
+        stays on one version."""
         if self.ab and model == self.ab.name:
             versions = self.ab.versions
-            pick = self.rng.choices([v.label for v in versions], weights=[v.weight for v in versions])[0]
-            return pick, None
+            total = sum(v.weight for v in versions)
+            if user:
+                import hashlib
+
+                digest = hashlib.sha256(f"{self.ab.name}\0{user}".encode()).digest()
+                point = int.from_bytes(digest[:8], "big") / 2**64 * total
+            else:
+                point = self.rng.random() * total
+            for v in versions:
+                point -= v.weight
+                if point < 0:
+                    return v.label, None
+            return versions[-1].label, None
         if model == self.name:
             return DEFAULT_VERSION, None
         base, sep, adapter = model.partition(":")

@@ -93,13 +93,14 @@ def _sse_packet(item) -> str:
 @serve.ingress(api)
 class LLMIngress:
     def __init__(self, serve_cfg: dict, name: str, catalogue: dict[str, str], engines: dict,
-                 security_cfg: Optional[dict] = None, submitted_by: Optional[str] = None):
+                 security_cfg: Optional[dict] = None, submitted_by: Optional[str] = None,
+                 keys: Optional[list[dict]] = None):
         self.cfg = ServeConfig.model_validate(serve_cfg)
         self.name = name
         replicas = self.cfg.autoscaling.max_replicas if self.cfg.autoscaling else self.cfg.num_replicas
         # One ingress replica admits for all engine replicas: serve.max_ongoing_requests is per engine replica.
         self.gate = Gate(self.cfg, name, catalogue, security_cfg, submitted_by,
-                         capacity=self.cfg.max_ongoing_requests * replicas)
+                         capacity=self.cfg.max_ongoing_requests * replicas, keys=keys)
         self.engines = engines  # version -> DeploymentHandle of its Ray Serve LLM deployment
         self._handles: dict[tuple, Any] = {}
 
@@ -133,7 +134,8 @@ class LLMIngress:
         if not isinstance(model, str) or not model:
             raise APIError(400, "model: missing; send the name of a served model (GET /v1/models lists them)",
                            param="model")
-        version, adapter = self.gate.route(model)
+        user = body.get("user") if isinstance(body.get("user"), str) else None
+        version, adapter = self.gate.route(model, user)
         self.gate.check_infer(who, model, adapter)
         req = self._parse(body, chat)
         self.gate.check_capacity()
@@ -218,7 +220,8 @@ class LLMIngress:
 
 
 def build_ingress(cfg: ServeConfig, name: str, sources: dict[str, tuple[str, str]], catalogue: dict[str, str],
-                  tracking_uri: Optional[str], security: dict, submitted_by: Optional[str]):
+                  tracking_uri: Optional[str], security: dict, submitted_by: Optional[str],
+                  keys: Optional[list[dict]] = None):
     """The application: the ingress bound to one Ray Serve LLM deployment per version.
 
     `sources`: version -> (the model id clients send, the model source)."""
@@ -231,4 +234,4 @@ def build_ingress(cfg: ServeConfig, name: str, sources: dict[str, tuple[str, str
     opts: dict[str, Any] = dict(max_ongoing_requests=cfg.max_ongoing_requests * replicas + 8,
                                 graceful_shutdown_timeout_s=cfg.graceful_shutdown_s,
                                 graceful_shutdown_wait_loop_s=0.5)
-    return LLMIngress.options(**opts).bind(cfg.model_dump(), name, catalogue, engines, security, submitted_by)
+    return LLMIngress.options(**opts).bind(cfg.model_dump(), name, catalogue, engines, security, submitted_by, keys)

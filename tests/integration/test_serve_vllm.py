@@ -82,6 +82,7 @@ def server(ray_local, tiny_model_dir, toy_adapters, tmp_path_factory, repo_root)
                       ab_split=ABSplit(name="support", versions=[ABVersion(label="v1", model=merged_a, weight=1),
                                                                  ABVersion(label="v2", model=merged_b, weight=1)]))
     start(cfg, tiny_model_dir, tracking, app_name="vllm", security=security)
+    keys.unlink()  # the key hashes travelled with the deployment: the replicas never read this file again
     yield {"url": f"http://127.0.0.1:{port}", "audit": root / "audit.jsonl", "cfg": cfg}
     from contextlib import suppress
 
@@ -192,6 +193,8 @@ def test_ab_split_names_the_answering_version_and_the_encrypted_one_answers(serv
 
 
 def test_keys_policy_and_audit(server):
+    """A real replica with API keys (whose file is gone: they travelled with the deployment), a policy and an audit
+    log: 401, 403 for a key's adapters and for the policy, allowed requests, one audit line each, never a key."""
     status, _, body = _http(f"{server['url']}/v1/chat/completions", {"model": "tiny", "messages": HELLO}, key=None)
     assert status == 401, body
     status, _, body = _http(f"{server['url']}/v1/chat/completions", {"model": "tiny:a", "messages": HELLO},
@@ -261,3 +264,15 @@ def test_adapter_rank_over_max_lora_rank_is_refused_before_deploying(tiny_model_
     cfg = ServeConfig(engine="vllm", model=tiny_model_dir, adapters={"big": big}, max_lora_rank=16)
     with pytest.raises(ServeStartError, match=r"adapter 'big' .* LoRA rank 32, above serve.max_lora_rank 16; raise"):
         check_sources(cfg, tiny_model_dir)
+
+
+def test_no_replica_serves_a_public_address_without_keys(monkeypatch):
+    """Whatever the replica's environment: a non-loopback host without the keys the driver sends is refused."""
+    from rayft.serve.config import ServeConfig
+    from rayft.serve.gate import Gate
+
+    monkeypatch.setenv("RAYFT_API_KEYS_FILE", "/nonexistent/keys.yaml")  # the driver's setting, not the replica's
+    cfg = ServeConfig(host="0.0.0.0")
+    with pytest.raises(ValueError, match="refusing to serve on '0.0.0.0' without API keys"):
+        Gate(cfg, "m", {})
+    assert Gate(cfg, "m", {}, keys=[{"sha256": "0" * 64, "tenant": "t", "adapters": "*"}]).keys is not None
