@@ -135,7 +135,7 @@ class OpenAIServer:
         self.metrics = _Metrics()
         common = dict(mixed_adapter_batches=cfg.mixed_adapter_batches, quantization=cfg.quantization,
                       min_agreement=cfg.quantization_min_agreement, resolve=self._resolve, seed=cfg.seed,
-                      security=self.security,
+                      security=self.security, device="cuda" if cfg.num_gpus_per_replica > 0 else "cpu",
                       log=lambda m: print(f"[rayft serve] {m}", flush=True))
         self.engines = {DEFAULT_VERSION: Engine(
             self._resolve(model_path), adapters=cfg.adapters, adapters_dir=cfg.adapters_dir,

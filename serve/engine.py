@@ -29,6 +29,9 @@ PROBE_PROMPTS = [
 ]
 
 
+CONTEXT_TOKENS = 5  # tokens decoded before the new ones, so a word boundary decodes as in the full text
+
+
 @dataclass
 class GenRequest:
     prompt_ids: list[int]
@@ -57,19 +60,43 @@ class _Row:
         self.req = req
         self.tok = tokenizer
         self.eos_ids = eos_ids
+        # Incremental detokenization (as vLLM's): only the tokens since the last emitted text are decoded, after a
+        # few tokens of context (the prompt's tail at first) so that word boundaries decode as in the full text.
+        self.ctx = list(req.prompt_ids[-CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ctx)
+        self.text = ""
         self.ids: list[int] = []
         self.sent = 0
         self.done = False
         self.gen = torch.Generator().manual_seed(req.seed if req.seed is not None else
                                                  (default_seed * 1_000_003 + time.perf_counter_ns()) % (2**63))
 
+    def _detokenize(self, token: int) -> str:
+        """The text of the output so far, decoding only the newest tokens; an unfinished UTF-8 sequence waits."""
+        self.ctx.append(token)
+        before = self.tok.decode(self.ctx[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        after = self.tok.decode(self.ctx[self.prefix_offset:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ctx)
+        return self.text
+
+    def _flush(self) -> str:
+        """The text including a held-back tail (the answer ends here, finished or not)."""
+        tail = self.tok.decode(self.ctx[self.read_offset:], skip_special_tokens=True) if \
+            self.read_offset < len(self.ctx) else ""
+        before = self.tok.decode(self.ctx[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        after = self.tok.decode(self.ctx[self.prefix_offset:], skip_special_tokens=True)
+        return self.text + (after[len(before):] if len(after) > len(before) else tail)
+
     def add(self, token: int) -> StepOutput:
         if token in self.eos_ids:
             self.done = True
-            text = self.tok.decode(self.ids, skip_special_tokens=True)
+            text = self._flush()
             return StepOutput(text[self.sent:], len(self.ids) + 1, "stop")
         self.ids.append(token)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        text = self._detokenize(token)
         for s in self.req.stop:
             k = text.find(s, max(0, self.sent - len(s)))
             if k >= 0:
@@ -77,8 +104,9 @@ class _Row:
                 return StepOutput(text[self.sent:k], len(self.ids), "stop")
         if len(self.ids) >= self.req.max_tokens:
             self.done = True
+            text = self._flush()
             return StepOutput(text[self.sent:], len(self.ids), "length")
-        safe = len(text) - 1 if text.endswith("\ufffd") else len(text)  # an unfinished UTF-8 sequence
+        safe = len(text)  # an unfinished UTF-8 sequence is not in `text` yet
         for s in self.req.stop:  # hold back a tail that may grow into a stop string
             for n in range(min(len(s) - 1, len(text)), 0, -1):
                 if text.endswith(s[:n]):
@@ -138,6 +166,22 @@ QUANT_LABELS = {"int8": "int8 dynamic quantization", "bnb-int8": "bitsandbytes 8
                 "bnb-nf4": "bitsandbytes 4-bit (NF4) quantization"}
 
 
+def to_gpu(model, device: str, log: Callable[[str], None] = print):
+    """The model on the replica's GPU in bfloat16 (float16 where bfloat16 is missing): a replica that reserved a GPU
+    decodes on it. int8 dynamic quantization is a CPU mode and stays there."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"serve.num_gpus_per_replica asks for a GPU but torch sees no CUDA device "
+                           f"(torch.cuda.is_available() is false; torch {torch.__version__}); install a CUDA build "
+                           f"of torch on the GPU nodes, or set num_gpus_per_replica: 0")
+    if any(getattr(m, "_packed_params", None) is not None for m in model.modules()):
+        return model  # int8 dynamic quantization: CPU kernels only
+    dtype = getattr(torch, gpu_dtype())
+    log(f"model on {device} in {dtype}")
+    return model.to(device=device, dtype=dtype)
+
+
 def gpu_dtype() -> str:
     import torch
 
@@ -181,7 +225,8 @@ class Engine:
     def __init__(self, model_path: str, adapters: Optional[dict[str, str]] = None, adapters_dir: Optional[str] = None,
                  adapter_cache_size: int = 4, mixed_adapter_batches: bool = True, quantization: str = "none",
                  min_agreement: float = 0.8, resolve: Callable[[str], str] = lambda p: p,
-                 log: Callable[[str], None] = print, on_cache_event=None, seed: int = 0, security=None):
+                 log: Callable[[str], None] = print, on_cache_event=None, seed: int = 0, security=None,
+                 device: str = "cpu"):
         from transformers import AutoTokenizer
 
         from rayft.security.artifacts import opened_for_load
@@ -218,6 +263,8 @@ class Engine:
                         f"serve.quantization: {quantization} answers agree with full precision on only "
                         f"{self.agreement:.0%} of the probe prompts (< serve.quantization_min_agreement "
                         f"{min_agreement:.0%}); serve with quantization: none or lower the threshold")
+        if device.startswith("cuda") and quantization not in BNB_MODES:
+            base = to_gpu(base, device, log)  # before the adapter cache: its LoRA slots follow the base's weights
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.seed = seed

@@ -160,3 +160,47 @@ def test_a_cancelled_row_leaves_the_batch(engine):
             stop.set()  # the client of row 0 went away
     assert rows_per_step[:3] == [2, 2, 2] and set(rows_per_step[3:]) == {1}
     assert steps == 40
+
+
+def test_incremental_detokenization_streams_exactly_the_full_decode(engine):
+    """Each step decodes only the newest tokens; the pieces a row streams (multi-byte characters held back until
+    complete) add up to the decode of all its tokens, for text with accents, emoji and CJK and for random ids."""
+    import random
+
+    from rayft.serve.engine import GenRequest, _Row
+
+    tok = engine.tokenizer
+    samples = [tok("Grüße aus Köln 🎉 — 東京 ok", add_special_tokens=False)["input_ids"]]
+    rng = random.Random(0)
+    samples += [[rng.randrange(len(tok)) for _ in range(60)] for _ in range(20)]
+    eos = tok.eos_token_id
+    for ids in samples:
+        ids = [i for i in ids if i != eos]
+        row = _Row(GenRequest(_chat_ids(engine, "hello"), len(ids)), tok, {eos}, 0)
+        streamed = "".join(row.add(i).text for i in ids)
+        assert streamed == tok.decode(ids, skip_special_tokens=True), ids
+
+
+def test_a_gpu_replica_without_cuda_is_refused_naming_the_field(tiny_model_dir):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal is for replicas that reserved a GPU torch cannot see")
+    from rayft.serve.engine import Engine
+
+    with pytest.raises(RuntimeError, match="num_gpus_per_replica asks for a GPU but torch sees no CUDA device"):
+        Engine(tiny_model_dir, device="cuda")
+
+
+def test_on_a_gpu_weights_and_lora_slots_are_on_the_device_in_half_precision(tiny_model_dir, adapters):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (this machine has none)")
+    from rayft.serve.engine import Engine, gpu_dtype
+
+    eng = Engine(tiny_model_dir, adapters=adapters, adapter_cache_size=2, device="cuda")
+    want = getattr(torch, gpu_dtype())
+    assert {(p.device.type, p.dtype) for p in eng.model.parameters()} == {("cuda", want)}
+    out = eng.generate_text([_req(eng, "a"), _req(eng, "b"), _req(eng, None)])
+    assert [o[0] for o in out[:2]] == [ANSWER_A, ANSWER_B]
+    assert {(b.device.type, b.dtype) for n, b in eng.model.named_buffers() if n.endswith((".A", ".B"))} == \
+        {("cuda", want)}
