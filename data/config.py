@@ -123,9 +123,9 @@ class DataConfig(_Section):
     @field_validator("driver_memory_mb")
     @classmethod
     def _driver_memory(cls, v: int) -> int:
-        if v < 16:
-            raise ValueError(f"driver_memory_mb {v} is too small for the driver to read any block; set 16 or more "
-                             f"(MiB, 1024 by default)")
+        if v < 32:
+            raise ValueError(f"driver_memory_mb {v} is below the driver's own bookkeeping for a run (about 10-20 MiB "
+                             f"measured); set 32 or more (MiB, 1024 by default)")
         return v
 
     @model_validator(mode="after")
