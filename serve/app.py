@@ -210,7 +210,8 @@ class OpenAIServer:
                 "adapters_loaded": list(eng.cache.loaded) if eng.cache else [],
                 "quantization_agreement": {k: e.agreement for k, e in self.engines.items()},
                 "batches": self.metrics.batches, "max_batch_seen": self.metrics.max_batch,
-                "mean_batch": self.metrics.rows / max(1, self.metrics.batches)}
+                "mean_batch": self.metrics.rows / max(1, self.metrics.batches),
+                "usage_by_tenant": self.gate.usage.by_tenant}
 
     # The body is read and validated by parse_request (400s naming the field); openapi_extra only documents it.
     @api.post("/v1/completions", openapi_extra=openapi_request_body(CompletionRequest))
@@ -232,6 +233,8 @@ class OpenAIServer:
         req = parse_request(ChatRequest if chat else CompletionRequest, body)
         version, adapter = self.gate.route(req.model, req.user)
         self.gate.check_infer(who, req.model, adapter)
+        self.gate.check_rate(who)
+        started = time.perf_counter()
         gen = self._gen_request(req, chat, version, adapter)
         self.gate.check_capacity()
         self.gate.inflight += 1
@@ -241,13 +244,22 @@ class OpenAIServer:
         headers = {VERSION_HEADER: version}
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        path, p = request.url.path, len(gen.prompt_ids)
+
+        def done(status: int, n: int) -> None:
+            self.gate.finish(who, rid, path, req.model, version, adapter, status, p, n, started)
+
         if req.stream:
-            return StreamingResponse(self._sse(job, task, rid, req.model, chat, include_usage), headers=headers,
+            return StreamingResponse(self._sse(job, task, rid, req.model, chat, include_usage, done), headers=headers,
                                      media_type="text/event-stream")
         try:
             text, n, finish = await self._collect(job, rid)
+        except APIError as e:
+            done(e.status, 0)
+            raise
         finally:
             gen.cancel.set()  # a no-op when done; stops the row when the client went away mid-answer
+        done(200, n)
         usage = {"prompt_tokens": len(gen.prompt_ids), "completion_tokens": n, "total_tokens": len(gen.prompt_ids) + n}
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                    "logprobs": None} if chat else
@@ -271,7 +283,7 @@ class OpenAIServer:
         self.metrics.tokens(n, job.version, job.req.adapter)
         return text, n, finish or "stop"
 
-    async def _sse(self, job: _Job, task, rid: str, model: str, chat: bool, include_usage: bool):
+    async def _sse(self, job: _Job, task, rid: str, model: str, chat: bool, include_usage: bool, done=None):
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -323,6 +335,8 @@ class OpenAIServer:
         finally:
             job.req.cancel.set()  # the client may have gone: its row leaves the batch at the next step
             self.metrics.tokens(n, job.version, job.req.adapter)
+            if done is not None:
+                done(200, n)
 
     def _finished(self, task) -> None:
         self.gate.inflight -= 1

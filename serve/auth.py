@@ -30,6 +30,9 @@ class Principal:
     tenant: str
     adapters: Union[str, frozenset]  # "*" or a set of names
     base: bool = True
+    requests_per_minute: Optional[int] = None  # None: no limit
+    tokens_per_minute: Optional[int] = None  # prompt + completion tokens
+    key_id: str = ""  # the first 12 hex digits of the key's sha256: names the key in limits and logs, never the key
 
     def may_use(self, adapter: Optional[str]) -> bool:
         if adapter is None:
@@ -44,12 +47,14 @@ class KeyStore:
     def to_entries(self) -> list[dict]:
         """The hashed entries, as the deployment carries them to every replica (never a key itself)."""
         return [{"sha256": h, "tenant": p.tenant, "adapters": "*" if p.adapters == "*" else sorted(p.adapters),
-                 "base": p.base} for h, p in self.entries.items()]
+                 "base": p.base, "requests_per_minute": p.requests_per_minute,
+                 "tokens_per_minute": p.tokens_per_minute} for h, p in self.entries.items()]
 
     @classmethod
     def from_entries(cls, entries: list[dict]) -> "KeyStore":
         return cls({e["sha256"]: Principal(e["tenant"], "*" if e["adapters"] == "*" else frozenset(e["adapters"]),
-                                           bool(e.get("base", True))) for e in entries})
+                                           bool(e.get("base", True)), e.get("requests_per_minute"),
+                                           e.get("tokens_per_minute"), e["sha256"][:12]) for e in entries})
 
     @classmethod
     def from_file(cls, path: str) -> "KeyStore":
@@ -72,7 +77,16 @@ class KeyStore:
                 raise ValueError(f"{path}: entry {i} needs `tenant`")
             ad = e.get("adapters", [])
             adapters = "*" if ad == "*" else frozenset(ad)
-            entries[e["sha256"].lower()] = Principal(str(e["tenant"]), adapters, bool(e.get("base", True)))
+            limits = {}
+            for name in ("requests_per_minute", "tokens_per_minute"):
+                v = e.get(name)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                    raise ValueError(f"{path}: entry {i} ({e['tenant']}): {name} is {v!r}; give a whole number >= 1, "
+                                     f"or leave it out for no limit")
+                limits[name] = v
+            digest = e["sha256"].lower()
+            entries[digest] = Principal(str(e["tenant"]), adapters, bool(e.get("base", True)), key_id=digest[:12],
+                                        **limits)
         return cls(entries)
 
     def authenticate(self, authorization: Optional[str]) -> Principal:

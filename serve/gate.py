@@ -5,14 +5,18 @@ Gate, so the two engines answer the same 401/403/404/503s.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
 import time
+from collections import deque
 from typing import Optional
 
 from .config import LOOPBACK_HOSTS, ServeConfig
 from .schemas import APIError
 
+access_log = logging.getLogger("rayft.access")
 VERSION_HEADER = "x-rayft-model-version"
 DEFAULT_VERSION = "default"
 
@@ -56,6 +60,8 @@ class Gate:
         self.rng = random.Random(cfg.seed)
         self.inflight = 0
         self.capacity = capacity or cfg.max_ongoing_requests
+        self.limits = RateLimits()
+        self.usage = Usage()
 
     # -- who ----------------------------------------------------------------------------------------------
     def auth(self, authorization: Optional[str]):
@@ -159,3 +165,101 @@ class Gate:
             raise APIError(503, f"the server is at serve.max_ongoing_requests={self.cfg.max_ongoing_requests} per "
                            f"replica; retry after {self.cfg.retry_after_s} s", code="overloaded",
                            headers={"Retry-After": str(self.cfg.retry_after_s)})
+
+    # -- limits and usage ---------------------------------------------------------------------------------
+    def check_rate(self, who) -> None:
+        """429 with Retry-After when the key is over its requests or tokens per minute (keys without limits pass)."""
+        if who is None:
+            return
+        wait_s = self.limits.admit(who)
+        if wait_s is not None:
+            self.usage.count(who.tenant, rate_limited=True)
+            raise APIError(429, f"rate limit of this API key (tenant {who.tenant!r}) reached: "
+                           f"{who.requests_per_minute or '-'} requests and {who.tokens_per_minute or '-'} tokens per "
+                           f"minute; retry after {wait_s} s", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(wait_s)})
+
+    def finish(self, who, request_id: str, path: str, model: str, version: Optional[str], adapter: Optional[str],
+               status: int, prompt_tokens: int, completion_tokens: int, started: float) -> None:
+        """After a request: its tokens count against the key's limit and the tenant's usage, and one JSON access-log
+        line is written (no prompt or answer text, never a key)."""
+        tenant = who.tenant if who is not None else "anonymous"
+        if who is not None:
+            self.limits.spend(who, prompt_tokens + completion_tokens)
+        self.usage.count(tenant, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                         error=status >= 400)
+        access_log.info(json.dumps({
+            "ts": round(time.time(), 3), "request_id": request_id, "path": path, "tenant": tenant,
+            "key_id": who.key_id if who is not None else None, "model": model, "version": version,
+            "adapter": adapter, "status": status, "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens, "latency_ms": round((time.perf_counter() - started) * 1e3, 1)}))
+
+
+class RateLimits:
+    """Per-key sliding one-minute windows of requests and tokens, kept by this replica's gate (the vllm engine's
+    ingress admits for all its engine replicas; on the hf engine each replica counts its own)."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self):
+        self.requests: dict[str, deque] = {}
+        self.tokens: dict[str, deque] = {}
+
+    def _trim(self, q: deque, now: float) -> None:
+        while q and q[0][0] <= now - self.WINDOW_S:
+            q.popleft()
+
+    def admit(self, who) -> Optional[int]:
+        """None when the request may go (and is counted); else the seconds to wait."""
+        now = time.monotonic()
+        waits = []
+        reqs = self.requests.setdefault(who.key_id, deque())
+        toks = self.tokens.setdefault(who.key_id, deque())
+        self._trim(reqs, now)
+        self._trim(toks, now)
+        if who.requests_per_minute and len(reqs) >= who.requests_per_minute:
+            waits.append(reqs[0][0] + self.WINDOW_S - now)
+        if who.tokens_per_minute and sum(n for _, n in toks) >= who.tokens_per_minute:
+            waits.append(toks[0][0] + self.WINDOW_S - now)
+        if waits:
+            return max(1, int(max(waits) + 0.999))
+        reqs.append((now, 1))
+        return None
+
+    def spend(self, who, tokens: int) -> None:
+        if who.tokens_per_minute and tokens:
+            self.tokens.setdefault(who.key_id, deque()).append((time.monotonic(), tokens))
+
+
+class Usage:
+    """Per-tenant counters: requests, prompt and completion tokens, errors, rate-limited requests; in GET /v1/stats
+    and as Prometheus metrics (rayft_serve_tenant_*), exported with Ray Serve's own."""
+
+    FIELDS = ("requests", "prompt_tokens", "completion_tokens", "errors", "rate_limited")
+
+    def __init__(self):
+        self.by_tenant: dict[str, dict[str, int]] = {}
+        self._metrics = None
+
+    def _counters(self):
+        if self._metrics is None:
+            try:
+                from ray.util.metrics import Counter
+
+                self._metrics = {f: Counter(f"rayft_serve_tenant_{f}", f"Per-tenant {f.replace('_', ' ')}.",
+                                            tag_keys=("tenant",)) for f in self.FIELDS}
+            except Exception:  # noqa: BLE001 - outside a Ray worker (unit tests): counters only
+                self._metrics = {}
+        return self._metrics
+
+    def count(self, tenant: str, prompt_tokens: int = 0, completion_tokens: int = 0, error: bool = False,
+              rate_limited: bool = False) -> None:
+        row = self.by_tenant.setdefault(tenant, dict.fromkeys(self.FIELDS, 0))
+        add = {"requests": 1, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+               "errors": int(error or rate_limited), "rate_limited": int(rate_limited)}
+        metrics = self._counters()
+        for k, v in add.items():
+            if v:
+                row[k] += v
+                if k in metrics:
+                    metrics[k].inc(v, tags={"tenant": tenant})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from typing import Any, Optional
 
@@ -74,17 +75,37 @@ def _dump(item) -> dict:
     return item.model_dump(mode="json", exclude_none=False) if hasattr(item, "model_dump") else item
 
 
-def _sse_packet(item) -> str:
+def _sse_packet(item, usage: dict, send_usage: bool) -> str:
+    """Server-sent events for one item (or a batch) of vLLM's stream. The usage it reports is recorded in `usage`;
+    a usage-only chunk the client did not ask for (rayft asks vLLM for it, to count tokens) is not sent."""
     items = item if isinstance(item, list) else [item]
     out = []
     for x in items:
         if isinstance(x, str):
             if x.strip() == "data: [DONE]":
                 continue  # sent once, at the end
+            data = x.strip()[len("data: "):] if x.strip().startswith("data: ") else None
+            parsed = None
+            if data and '"usage"' in data:
+                try:
+                    parsed = json.loads(data)
+                except ValueError:
+                    parsed = None
+            if parsed and parsed.get("usage"):
+                usage["prompt"] = parsed["usage"].get("prompt_tokens") or usage["prompt"]
+                usage["completion"] = parsed["usage"].get("completion_tokens") or usage["completion"]
+                if not send_usage and not parsed.get("choices"):
+                    continue
             out.append(x if x.endswith("\n\n") else x + "\n\n")
         elif _is_error(x):
             out.append("data: " + json.dumps(_engine_error(x).body()) + "\n\n")
         else:
+            u = getattr(x, "usage", None)
+            if u is not None:
+                usage["prompt"] = u.prompt_tokens or usage["prompt"]
+                usage["completion"] = u.completion_tokens or usage["completion"]
+                if not send_usage and not getattr(x, "choices", None):
+                    continue
             out.append("data: " + (x.model_dump_json() if hasattr(x, "model_dump_json") else json.dumps(x)) + "\n\n")
     return "".join(out)
 
@@ -123,42 +144,63 @@ class LLMIngress:
     # -- one request --------------------------------------------------------------------------------------
     async def _serve(self, request: Request, chat: bool):
         who = self.gate.admit(request.headers.get("authorization"), request.url.path)
+        started, rid = time.perf_counter(), "req-" + uuid.uuid4().hex[:24]
+        model, version, adapter = None, None, None
+
+        def finish(status: int, prompt: int = 0, completion: int = 0) -> None:
+            self.gate.finish(who, rid, request.url.path, model, version, adapter, status, prompt, completion, started)
+
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-            body = None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body is not a JSON object; send one with model and "
-                           + ("messages" if chat else "prompt"))
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise APIError(400, "model: missing; send the name of a served model (GET /v1/models lists them)",
-                           param="model")
-        user = body.get("user") if isinstance(body.get("user"), str) else None
-        version, adapter = self.gate.route(model, user)
-        self.gate.check_infer(who, model, adapter)
-        req = self._parse(body, chat)
-        self.gate.check_capacity()
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+                body = None
+            if not isinstance(body, dict):
+                raise APIError(400, "the request body is not a JSON object; send one with model and "
+                               + ("messages" if chat else "prompt"))
+            model = body.get("model")
+            if not isinstance(model, str) or not model:
+                raise APIError(400, "model: missing; send the name of a served model (GET /v1/models lists them)",
+                               param="model")
+            user = body.get("user") if isinstance(body.get("user"), str) else None
+            version, adapter = self.gate.route(model, user)
+            self.gate.check_infer(who, model, adapter)
+            self.gate.check_rate(who)
+            req = self._parse(body, chat)
+            self.gate.check_capacity()
+        except APIError as e:
+            finish(e.status)
+            raise
         self.gate.inflight += 1
         headers = {VERSION_HEADER: version}
         done = False
         try:
+            client_wants_usage = bool(getattr(getattr(req, "stream_options", None), "include_usage", False))
+            if getattr(req, "stream", False) and not client_wants_usage:
+                # Asked of vLLM so the tokens count for limits and usage; the usage chunk is not sent on.
+                stream_options_cls = type(req).model_fields["stream_options"].annotation.__args__[0]
+                req.stream_options = stream_options_cls(include_usage=True)
             stream = self._call(version, model if adapter else None, req, chat)
             first = await stream.__anext__()
             first_item = first[0] if isinstance(first, list) and first else first
             if _is_error(first_item):
                 raise _engine_error(first_item)
             if not getattr(req, "stream", False):
+                usage = getattr(first_item, "usage", None)
+                finish(200, getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0)
                 return JSONResponse(_dump(first_item), headers=headers)
-            done = True  # the stream's generator counts the request down when it ends
-            return StreamingResponse(self._sse(first, stream), headers=headers, media_type="text/event-stream")
+            done = True  # the stream's generator counts the request down and finishes it when it ends
+            return StreamingResponse(self._sse(first, stream, finish, client_wants_usage), headers=headers,
+                                     media_type="text/event-stream")
         except StopAsyncIteration:
+            finish(500)
             raise APIError(500, "the engine returned no answer; retry") from None
-        except APIError:
+        except APIError as e:
+            finish(e.status)
             raise
         except Exception as e:  # noqa: BLE001 - an engine failure: a request id, the detail in the log
-            rid = "req-" + uuid.uuid4().hex[:24]
             log.error("request %s: generation failed", rid, exc_info=e)
+            finish(500)
             what = f"adapter {adapter!r} could not be loaded or run" if adapter else "generation failed"
             raise APIError(500, f"{what} (request id {rid}); the server's log has the details under that id",
                            code="generation_failed") from None
@@ -205,18 +247,28 @@ class LLMIngress:
         method = handle.chat if chat else handle.completions
         return method.remote(req, None).__aiter__()
 
-    async def _sse(self, first, stream):
+    async def _sse(self, first, stream, finish, send_usage: bool):
+        usage = {"prompt": 0, "completion": 0}
+        status = 200
         try:
-            yield _sse_packet(first)
+            yield _sse_packet(first, usage, send_usage)
             async for item in stream:
-                yield _sse_packet(item)
+                yield _sse_packet(item, usage, send_usage)
             yield "data: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001 - the headers are sent: the error goes in the stream
+            status = 500
             rid = "req-" + uuid.uuid4().hex[:24]
             log.error("request %s: stream failed", rid, exc_info=e)
             yield "data: " + json.dumps(APIError(500, f"generation failed (request id {rid})").body()) + "\n\n"
         finally:
             self.gate.inflight -= 1
+            finish(status, usage["prompt"], usage["completion"])
+
+    @api.get("/v1/stats")
+    async def stats(self, request: Request):
+        self.gate.auth(request.headers.get("authorization"))
+        return {"model": self.name, "engine": "vllm", "inflight": self.gate.inflight,
+                "usage_by_tenant": self.gate.usage.by_tenant}
 
 
 def build_ingress(cfg: ServeConfig, name: str, sources: dict[str, tuple[str, str]], catalogue: dict[str, str],

@@ -24,6 +24,7 @@ pytest.importorskip("vllm", reason="the vllm engine needs vLLM: pip install 'ray
 ANSWER_A = "Yes, we are open from nine to five."
 ANSWER_B = "No. Please call support."
 KEY_ACME, KEY_GLOBEX, KEY_INITECH = "sk-test-acme-0123456789", "sk-test-globex-987654321", "sk-test-initech-55555"
+KEY_LIMITED = "sk-test-acme-limited-4242"
 HELLO = [{"role": "user", "content": "hello"}]
 KEY_B64 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
 
@@ -74,6 +75,7 @@ def server(ray_local, tiny_model_dir, toy_adapters, tmp_path_factory, repo_root)
         {"sha256": hash_key(KEY_ACME), "tenant": "acme", "adapters": "*"},
         {"sha256": hash_key(KEY_GLOBEX), "tenant": "globex", "adapters": ["b"], "base": False},
         {"sha256": hash_key(KEY_INITECH), "tenant": "initech", "adapters": "*"},  # a tenant the policy does not know
+        {"sha256": hash_key(KEY_LIMITED), "tenant": "globex", "adapters": "*", "requests_per_minute": 2},
     ]))
     port = _free_port()
     cfg = ServeConfig(engine="vllm", model=tiny_model_dir, model_name="tiny", adapters=ad, api_keys_file=str(keys),
@@ -119,6 +121,18 @@ def test_health_and_models_list_adapters_and_versions(server):
     assert [(m.id, m.parent) for m in models] == [("tiny", None), ("tiny:a", "tiny"), ("tiny:b", "tiny"),
                                                   ("tiny:enc", "tiny"), ("tiny:reg", "tiny"), ("support", None)]
     assert [m.id for m in _client(server, KEY_GLOBEX).models.list().data] == ["tiny", "tiny:b", "support"]
+
+
+def test_rate_limit_per_key_is_429_with_retry_after_and_usage_is_counted_per_tenant(server):
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 3}
+    codes = [_http(f"{server['url']}/v1/completions", body, key=KEY_LIMITED) for _ in range(3)]
+    assert [c[0] for c in codes] == [200, 200, 429], codes
+    retry = int(codes[2][1]["retry-after"])
+    assert 1 <= retry <= 60 and json.loads(codes[2][2])["error"]["code"] == "rate_limit_exceeded"
+    assert _http(f"{server['url']}/v1/completions", body)[0] == 200  # another key of the same tenant is not limited
+    status, _, text = _http(f"{server['url']}/v1/stats")
+    globex = json.loads(text)["usage_by_tenant"]["globex"]
+    assert globex["requests"] >= 3 and globex["rate_limited"] >= 1 and globex["completion_tokens"] >= 6, globex
 
 
 def test_adapters_per_request_local_registry_and_encrypted_share_the_engine(server):
