@@ -124,8 +124,8 @@ class DataConfig(_Section):
     @classmethod
     def _driver_memory(cls, v: int) -> int:
         if v < 32:
-            raise ValueError(f"driver_memory_mb {v} is below the driver's own bookkeeping for a run (about 10-20 MiB "
-                             f"measured); set 32 or more (MiB, 1024 by default)")
+            raise ValueError(f"driver_memory_mb {v} is too small for the driver to read a block and keep its own "
+                             f"bookkeeping; set 32 or more (MiB, 1024 by default)")
         return v
 
     @model_validator(mode="after")
