@@ -424,6 +424,7 @@ def build_app(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = N
         # A replica being stopped (graceful stop, scale-down) lets its requests in flight finish first.
         graceful_shutdown_timeout_s=cfg.graceful_shutdown_s,
         graceful_shutdown_wait_loop_s=0.5,
+        max_constructor_retry_count=3,  # a replica that cannot start fails the deploy soon, with its reason
     )
     if cfg.autoscaling:
         a = cfg.autoscaling
