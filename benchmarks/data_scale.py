@@ -174,7 +174,8 @@ def main() -> int:
                         storage.upload_dir(folder, f"{bucket}/data")  # streamed, file by file
                         prefix = f"{bucket}/data"
                     load = open("/proc/loadavg").read().split()[:3]
-                    r = run_probe(address, tok, prefix, args, env)
+                    # After connect(): the driver's environment then holds what a second driver needs to join.
+                    r = run_probe(address, tok, prefix, args, dict(os.environ))
                     r.update(size_gb=gb, place=place, loadavg_before=" ".join(load),
                              loadavg_after=" ".join(open("/proc/loadavg").read().split()[:3]))
                     results.append(r)
