@@ -143,10 +143,12 @@ PROBE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=False, reason=(
     "not flat yet: at a 32 MiB budget the driver's own memory grew by 32 MiB (blocks of budget/8) and 46 MiB "
     "(budget/4) while preparing the 128 MiB file, against 1-2 MiB for the 2 MiB file; where it goes is not yet "
-    "located (prepare itself measured +8 MiB, the rest while reading blocks). Strict: remove this mark once it passes"))
+    "located (prepare itself measured +8 MiB, the rest while reading blocks). Not strict: the big file's growth sits at the "
+    "budget (32 MiB measured against < 32), so it may pass by a hair on a quiet machine; remove this mark once it "
+    "passes with a margin"))
 def test_the_driver_memory_stays_within_its_budget_on_a_file_four_times_larger(ray_local, tiny_model_dir, big_file):
     small = big_file["root"] / "small.jsonl"
     write_jsonl(small, 2 << 20, seed=1)
