@@ -5,7 +5,7 @@
         - {path: data/golden.jsonl, schema: qa}
       metrics: [exact_match, token_f1, rouge_l]
       max_new_tokens: 64
-      search_sample: 16              # examples scored at each evaluation step of a search trial (tune.metric)
+      search_sample: 8               # examples scored at each evaluation step of a search trial (tune.metric)
 """
 from __future__ import annotations
 
@@ -55,8 +55,11 @@ class EvalConfig(_Section):
     max_examples: Optional[int] = Field(
         default=None, ge=1, description="Score at most this many golden examples (a seeded sample); unset: all.")
     search_sample: int = Field(
-        default=16, ge=1, description="Examples (a seeded sample of the golden set) a search trial scores at each "
+        default=8, ge=1, description="Examples (a seeded sample of the golden set) a search trial scores at each "
         "evaluation step when `tune.metric` names a task metric; the same sample for every trial and step.")
+    search_max_new_tokens: int = Field(
+        default=16, ge=1, le=4096, description="Longest answer in a search trial's evaluation (generation is the "
+        "cost of a task metric: on the quickstart, 8 answers of 16 tokens cost about one eval-loss pass).")
     bootstrap_samples: int = Field(default=1000, ge=100, description="Resamples of the paired bootstrap.")
     seed: int = Field(default=0, description="Seed of the samples and of the bootstrap.")
     lm_eval: Optional[LmEvalConfig] = Field(

@@ -23,7 +23,7 @@ def build_payload(examples: Sequence[GoldenExample], metric: str, cfg: EvalConfi
 
     return {"metric": metric, "texts": prompt_texts([e.prompt for e in examples], tokenizer, chat_template),
             "references": [e.reference for e in examples], "ids": [e.id for e in examples],
-            "tokenizer": tokenizer_spec, "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
+            "tokenizer": tokenizer_spec, "max_new_tokens": cfg.search_max_new_tokens, "batch_size": cfg.batch_size,
             "schema": cfg.resolved_schema() if metric == "json_schema" else None}
 
 

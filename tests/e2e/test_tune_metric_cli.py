@@ -37,7 +37,7 @@ def _config(tmp: Path, tiny_model_dir: str) -> Path:
                   "logging_every_n_steps": 10, "lora": {"rank": 4, "alpha": 8}},
         "tracking": {"register_model": "helpdesk"},
         "security": {"audit_log": str(tmp / "audit.jsonl")},
-        "eval": {"metrics": ["token_f1"], "search_sample": 8, "max_new_tokens": 24},
+        "eval": {"metrics": ["token_f1"], "search_sample": 8, "search_max_new_tokens": 24, "max_new_tokens": 24},
         "tune": {"num_samples": 1, "search_space": {"learning_rate": {"grid": [1.0e-2, 1.0e-7]}},
                  "metric": "token_f1", "max_concurrent_trials": 1,
                  "asha": {"grace_period_steps": 10, "reduction_factor": 2},

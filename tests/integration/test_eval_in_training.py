@@ -52,7 +52,7 @@ def test_task_metric_under_zero3_is_collective_and_matches_plain_generation(ray_
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     examples = [GoldenExample(f"g:{i}", [{"role": "user", "content": p}], "we are open from nine to five")
                 for i, p in enumerate(PROMPTS)]
-    ecfg = EvalConfig(metrics=["rouge_l"], batch_size=2, max_new_tokens=12)
+    ecfg = EvalConfig(metrics=["rouge_l"], batch_size=2, search_max_new_tokens=12)
     payload = build_payload(examples, "rouge_l", ecfg, tok, {"name_or_path": tiny_model_dir})
     train = {"num_workers": 2, "cpus_per_worker": 0.5, "use_gpu": False, "lora": {"rank": 4, "alpha": 8},
              "deepspeed": {"zero_stage": 3}}
