@@ -43,6 +43,11 @@ def test_quickstart_end_to_end(tmp_path, repo_root):
     for stage in ("[0/5 model]", "[1/5 data]", "[2/5 tune]", "[3/5 export]", "[4/5 register]", "[5/5 serve]"):
         assert stage in out.stdout, f"{stage} missing:\n{out.stdout[-4000:]}"
     assert "ASHA on" in out.stdout and "trial-steps run of" in out.stdout, out.stdout[-4000:]
+    # One trial at a time, the config's own learning rate first, then smaller ones (examples/quickstart.yaml): ASHA
+    # stops the two weaker trials at its first rung, every run, so the search shows what ASHA is for.
+    assert "compute: 20 trial-steps run of 36 a full search would run (44% saved)" in out.stdout, out.stdout[-4000:]
+    stopped = re.findall(r"^\S+_0000\d\s+(\S+)\s+\S+\s+(\d+)\s+(yes|no)\s+TERMINATED", out.stdout, re.M)
+    assert sorted(stopped) == [("0.0002", "4", "yes"), ("0.001", "4", "yes"), ("0.005", "12", "no")], out.stdout[-4000:]
     m = re.search(r"^answer: '(.*)'  \((\d+) tokens", out.stdout, re.M)
     assert m and int(m.group(2)) > 0, out.stdout[-3000:]
     assert f"http://127.0.0.1:{port}" in out.stdout

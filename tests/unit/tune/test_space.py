@@ -77,10 +77,11 @@ def test_optuna_refuses_rules_and_grids_at_config_load(repo_root):
     field named and what to write instead, not after the data is prepared."""
     from rayft.cluster.config import ConfigError, load_config
 
-    quickstart = repo_root / "examples" / "quickstart.yaml"  # lora.alpha: {times: lora.rank, factor: 2}
+    quickstart = repo_root / "examples" / "quickstart.yaml"
     with pytest.raises(ConfigError, match=r"tune: .* is not valid: search_space.lora.alpha: a `times: lora.rank` "
                                           r"rule cannot be searched with algorithm: optuna.*or use algorithm: random"):
-        load_config(quickstart, ["tune.algorithm=optuna"])
+        load_config(quickstart, ["tune.algorithm=optuna", "tune.search_space={lora.rank: {choice: [4, 8]}, "
+                                 "lora.alpha: {times: lora.rank, factor: 2}}"])
     with pytest.raises(ValidationError, match=r"search_space.lora.rank: `grid: \[4, 8\]` cannot be searched with "
                                               r"algorithm: optuna.*write `choice: \[4, 8\]`"):
         _tune({"lora.rank": {"grid": [4, 8]}}, algorithm="optuna")
