@@ -135,7 +135,8 @@ def load(port: int, prefix: str, models: list[str], concurrency: int, requests: 
             "req_per_s": len(ok) / wall, "out_tok_per_s": sum(r["tokens"] for r in ok) / wall,
             "p50_latency_s": pct(lat, 50), "p99_latency_s": pct(lat, 99), "p50_ttft_s": pct(ttft, 50),
             "p99_ttft_s": pct(ttft, 99), "p50_itl_s": pct(itl, 50), "p99_itl_s": pct(itl, 99), "mean_tokens": statistics.mean(r["tokens"] for r in ok) if ok else 0,
-            "answers": {r["i"]: r["text"] for r in ok}}
+            "answers": {r["i"]: r["text"] for r in ok},
+            "error_samples": sorted({f"{r.get('status')}: {r.get('error', '')[:160]}" for r in results if not r["ok"]})[:3]}
 
 
 def open_loop(port: int, prefix: str, models: list[str], rate_per_s: float, duration_s: float, max_tokens: int,
@@ -402,6 +403,8 @@ def compare_engines(args, base: str, merged: str, adapters: dict[str, str]) -> i
             print(f"{label:<26} c={c:<3} {r['out_tok_per_s']:8.1f} tok/s  ttft p50 {r['p50_ttft_s']:.3f}s "
                   f"p99 {r['p99_ttft_s']:.3f}s  itl p50 {r['p50_itl_s'] * 1e3:.1f}ms p99 {r['p99_itl_s'] * 1e3:.1f}ms  "
                   f"({r['requests']} req, {r['errors']} err)  load avg {r['loadavg_1m']}", flush=True)
+            for e in r["error_samples"]:
+                print(f"{'':<26} error: {e}", flush=True)
         return out
 
     rate = args.rate

@@ -202,6 +202,18 @@ class RayftLLMServer(_llm_server_base()):
             self._rayft_private.remove()
             raise
 
+    async def _maybe_resolve_lora_from_multiplex(self) -> None:
+        """One load per adapter at a time: Ray 2.60's check ("already loaded?") and vLLM's load are not atomic, so
+        concurrent first requests for one adapter failed with "has already been loaded" (measured under load)."""
+        from ray import serve
+
+        name = serve.get_multiplexed_model_id()
+        if not name:
+            return await super()._maybe_resolve_lora_from_multiplex()
+        locks = self.__dict__.setdefault("_rayft_lora_locks", {})
+        async with locks.setdefault(name, asyncio.Lock()):
+            await super()._maybe_resolve_lora_from_multiplex()
+
     async def __del__(self) -> None:
         try:
             await super().__del__()

@@ -55,7 +55,7 @@ def server(ray_local, tiny_model_dir, toy_adapters, tmp_path_factory, repo_root)
     key_file.chmod(0o600)
     security = SecurityConfig(key_file=str(key_file), policy_file=str(repo_root / "examples" / "security" / "policy.yaml"),
                               audit_log=str(root / "audit.jsonl"))
-    ad = {"a": toy_adapters["a"], "b": toy_adapters["b"]}
+    ad = {"a": toy_adapters["a"], "b": toy_adapters["b"], "c": toy_adapters["c"]}
     tracking = f"sqlite:///{root}/mlflow.db"
     c = client(tracking)
     run = c.create_run(c.create_experiment("serve-vllm", artifact_location=f"file://{root}/mlartifacts"))
@@ -119,7 +119,8 @@ def test_health_and_models_list_adapters_and_versions(server):
     assert status == 200 and json.loads(body)["engine"] == "vllm"
     models = _client(server).models.list().data
     assert [(m.id, m.parent) for m in models] == [("tiny", None), ("tiny:a", "tiny"), ("tiny:b", "tiny"),
-                                                  ("tiny:enc", "tiny"), ("tiny:reg", "tiny"), ("support", None)]
+                                                  ("tiny:c", "tiny"), ("tiny:enc", "tiny"), ("tiny:reg", "tiny"),
+                                                  ("support", None)]
     assert [m.id for m in _client(server, KEY_GLOBEX).models.list().data] == ["tiny", "tiny:b", "support"]
 
 
@@ -147,6 +148,14 @@ def test_adapters_per_request_local_registry_and_encrypted_share_the_engine(serv
         together = list(pool.map(lambda x: _chat(c, f"tiny:{x}" if x else "tiny").choices[0].message.content,
                                  plan[:4]))
     assert together == alone[:4]
+
+
+def test_concurrent_first_requests_for_one_adapter_all_succeed(server):
+    """The first requests for an adapter arrive together: it is loaded once, and every one of them is answered."""
+    c = _client(server)
+    with cf.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: _chat(c, "tiny:c").choices[0].message.content, range(4)))
+    assert answers == ["Maybe later."] * 4, answers
 
 
 def test_an_unknown_adapter_is_404_never_the_base(server):
