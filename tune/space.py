@@ -110,6 +110,15 @@ def to_tune_space(tune_cfg: TuneConfig) -> dict:
     return space
 
 
+def trial_count(tune_cfg: TuneConfig) -> int:
+    """Trials a search runs: num_samples times the product of the grid sizes (Ray Tune's grid_search semantics)."""
+    n = tune_cfg.num_samples
+    for d in tune_cfg.search_space.values():
+        if isinstance(d, Grid):
+            n *= len(d.grid)
+    return n
+
+
 # The fields that decide what one trial holds of the cluster (tune/search.py check_fits).
 RESOURCE_FIELDS = ("train.num_workers", "train.cpus_per_worker")
 
