@@ -122,10 +122,9 @@ def _fill(result: RunOutcome, crowned, name: Optional[str], export_dir: str, log
 
 def _run_search(cfg, resume: bool, log) -> RunOutcome:
     from rayft.tune.search import run_search
-
-    _stage(log, 1, "data", f"{len(cfg.data.sources)} source(s), prepared once for every trial")
     from rayft.tune.space import trial_count
 
+    _stage(log, 1, "data", f"{len(cfg.data.sources)} source(s), prepared once for every trial")
     _stage(log, 2, "tune", f"{trial_count(cfg.tune)} trial(s) over {', '.join(cfg.tune.search_space)}")
     out = run_search(cfg, resume=resume, log=log)
     best = out.best
