@@ -249,6 +249,8 @@ def main() -> int:
                     help="engines: vllm vs hf (default); hf: the hf engine's options")
     ap.add_argument("--rate", type=float, help="open-loop offered requests/s (default: 60%% of hf's c=8 req/s)")
     ap.add_argument("--open-loop-s", type=float, default=30.0, help="open-loop duration")
+    ap.add_argument("--levels", default="1,8,32", help="closed-loop concurrency levels of the engines suite")
+    ap.add_argument("--no-lora", action="store_true", help="engines suite: skip the 8-adapter run")
     ap.add_argument("--dtype", default="auto", help="vllm engine dtype (serve.dtype; auto is float32 on CPU)")
     args = ap.parse_args()
 
@@ -411,9 +413,10 @@ def compare_engines(args, base: str, merged: str, adapters: dict[str, str]) -> i
     for name in ("hf", "vllm"):
         secs = deploy(engines[name], merged, "bench")
         print(f"{name}: deployed in {secs:.1f}s", flush=True)
-        results[name] = closed(f"{name}, merged", ["m"], [1, 8, 32])
+        levels = [int(x) for x in args.levels.split(",") if x]
+        results[name] = closed(f"{name}, merged", ["m"], levels)
         if rate is None:
-            rate = round(0.6 * results["hf"][8]["req_per_s"], 2)
+            rate = round(0.6 * results["hf"][levels[len(levels) // 2]]["req_per_s"], 2)
         r = open_loop(port, "/bench", ["m"], rate, args.open_loop_s, M)
         r["loadavg_1m"] = loadavg()
         results[name]["open_loop"] = r
@@ -422,18 +425,21 @@ def compare_engines(args, base: str, merged: str, adapters: dict[str, str]) -> i
               f"{r['p99_itl_s'] * 1e3:.1f}ms  ({r['requests']} req, {r['errors']} err)  load avg {r['loadavg_1m']}",
               flush=True)
         serve.delete("bench")
-    lora_cfg = engines["vllm"].model_copy(update={"model": base, "model_name": "b", "adapters": adapters,
-                                                  "adapter_cache_size": 8})
-    deploy(lora_cfg, base, "bench")
-    results["vllm_lora8_mixed"] = closed("vllm, base + 8 adapters", [f"b:ad{i}" for i in range(8)], [32])
-    serve.delete("bench")
+    if not args.no_lora:
+        lora_cfg = engines["vllm"].model_copy(update={"model": base, "model_name": "b", "adapters": adapters,
+                                                      "adapter_cache_size": 8})
+        deploy(lora_cfg, base, "bench")
+        results["vllm_lora8_mixed"] = closed("vllm, base + 8 adapters", [f"b:ad{i}" for i in range(8)], [32])
+        serve.delete("bench")
     serve.shutdown()
 
     v, h = results["vllm"], results["hf"]
+    nan = float("nan")
     ratios = {
-        "vllm_vs_hf_tok_per_s_c32": v[32]["out_tok_per_s"] / h[32]["out_tok_per_s"],
+        "vllm_vs_hf_tok_per_s_c32": v[32]["out_tok_per_s"] / h[32]["out_tok_per_s"] if 32 in v else nan,
         "vllm_vs_hf_p99_ttft_open_loop": v["open_loop"]["p99_ttft_s"] / h["open_loop"]["p99_ttft_s"],
-        "vllm_lora8_mixed_vs_merged_c32": results["vllm_lora8_mixed"][32]["out_tok_per_s"] / v[32]["out_tok_per_s"],
+        "vllm_lora8_mixed_vs_merged_c32": (results["vllm_lora8_mixed"][32]["out_tok_per_s"] / v[32]["out_tok_per_s"]
+                                           if "vllm_lora8_mixed" in results and 32 in v else nan),
     }
     results["ratios"] = ratios
     print(f"\nratios (load average now {loadavg()} on {os.cpu_count()} CPUs):")
