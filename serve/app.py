@@ -24,32 +24,17 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from .config import ServeConfig, ServeStartError
 from .gate import DEFAULT_VERSION, VERSION_HEADER, Gate, load_keys, served_name
-from .schemas import APIError, ChatRequest, CompletionRequest, openapi_request_body, parse_request
+from .schemas import APIError, ChatRequest, CompletionRequest, openai_app, openapi_request_body, parse_request
 
 log = logging.getLogger("rayft.serve")
 
-api = FastAPI(title="rayft", docs_url=None, redoc_url=None)
-
-
-@api.exception_handler(APIError)
-async def _api_error(_request, exc: APIError):
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-@api.exception_handler(Exception)
-async def _server_error(_request, exc: Exception):
-    # A bug answers this request with a 500 in OpenAI's shape; the replica keeps serving. The client gets a request
-    # id, never the exception's text (paths, internals); the replica's log has the detail under that id.
-    rid = "req-" + uuid.uuid4().hex[:24]
-    log.error("request %s failed", rid, exc_info=exc)
-    return JSONResponse(APIError(500, f"internal server error (request id {rid}); the server's log has the details "
-                                      f"under that id").body(), status_code=500)
+api = openai_app()
 
 
 def _generation_error(exc: Exception, rid: str, adapter: Optional[str]) -> APIError:

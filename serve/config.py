@@ -225,6 +225,11 @@ class ServeConfig(_Section):
                              f"GPU cluster, or use quantization: int8 (dynamic int8 on CPU)")
         return self
 
+    @property
+    def most_replicas(self) -> int:
+        """The most replicas this config may run: autoscaling's max_replicas, else num_replicas."""
+        return self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
+
     def resolved_engine(self, log=None) -> str:
         """`vllm` or `hf`: `auto` picks vllm when it is installed, else hf (saying so once through `log`)."""
         if self.engine != "auto":

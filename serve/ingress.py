@@ -20,31 +20,18 @@ import time
 import uuid
 from typing import Any, Optional
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
 from .config import ServeConfig
 from .gate import VERSION_HEADER, Gate
-from .schemas import APIError
+from .schemas import APIError, openai_app
 
 log = logging.getLogger("rayft.serve")
 
-api = FastAPI(title="rayft", docs_url=None, redoc_url=None)
-
-
-@api.exception_handler(APIError)
-async def _api_error(_request, exc: APIError):
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-@api.exception_handler(Exception)
-async def _server_error(_request, exc: Exception):
-    rid = "req-" + uuid.uuid4().hex[:24]
-    log.error("request %s failed", rid, exc_info=exc)
-    return JSONResponse(APIError(500, f"internal server error (request id {rid}); the server's log has the details "
-                                      f"under that id").body(), status_code=500)
+api = openai_app()
 
 
 def request_error(e: ValidationError) -> APIError:
@@ -118,10 +105,9 @@ class LLMIngress:
                  keys: Optional[list[dict]] = None):
         self.cfg = ServeConfig.model_validate(serve_cfg)
         self.name = name
-        replicas = self.cfg.autoscaling.max_replicas if self.cfg.autoscaling else self.cfg.num_replicas
         # One ingress replica admits for all engine replicas: serve.max_ongoing_requests is per engine replica.
         self.gate = Gate(self.cfg, name, catalogue, security_cfg, submitted_by,
-                         capacity=self.cfg.max_ongoing_requests * replicas, keys=keys)
+                         capacity=self.cfg.max_ongoing_requests * self.cfg.most_replicas, keys=keys)
         self.engines = engines  # version -> DeploymentHandle of its Ray Serve LLM deployment
         self._handles: dict[tuple, Any] = {}
 
@@ -282,8 +268,7 @@ def build_ingress(cfg: ServeConfig, name: str, sources: dict[str, tuple[str, str
     engines = {version: build_deployment(cfg, model_id, version, source, catalogue if version == "default" else {},
                                          tracking_uri, security)
                for version, (model_id, source) in sources.items()}
-    replicas = cfg.autoscaling.max_replicas if cfg.autoscaling else cfg.num_replicas
-    opts: dict[str, Any] = dict(max_ongoing_requests=cfg.max_ongoing_requests * replicas + 8,
+    opts: dict[str, Any] = dict(max_ongoing_requests=cfg.max_ongoing_requests * cfg.most_replicas + 8,
                                 graceful_shutdown_timeout_s=cfg.graceful_shutdown_s,
                                 graceful_shutdown_wait_loop_s=0.5)
     return LLMIngress.options(**opts).bind(cfg.model_dump(), name, catalogue, engines, security, submitted_by, keys)

@@ -28,6 +28,33 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def openai_app(title: str = "rayft"):
+    """A FastAPI app whose errors are answered in OpenAI's shape: an APIError as it is, anything else as a 500 with a
+    request id. A bug answers its request and the replica keeps serving; the client never gets the exception's text
+    (paths, internals), the replica's log has the detail under that id. Both engines' ingresses use it."""
+    import logging
+    import uuid
+
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    log = logging.getLogger("rayft.serve")
+    app = FastAPI(title=title, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _server_error(_request, exc: Exception):
+        rid = "req-" + uuid.uuid4().hex[:24]
+        log.error("request %s failed", rid, exc_info=exc)
+        return JSONResponse(APIError(500, f"internal server error (request id {rid}); the server's log has the "
+                                          f"details under that id").body(), status_code=500)
+
+    return app
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -62,6 +62,22 @@ def merge_toy_adapter(base_dir: str, adapter_dir: str, out_dir: str) -> str:
     return out_dir
 
 
+def register_champion_adapter(root, adapter_dir: str, name: str = "tiny-bot", experiment: str = "serve") -> tuple[str, str]:
+    """An adapter in an MLflow registry on SQLite under `root`: logged by a run, registered as version 1, alias
+    champion. Returns (tracking URI, `models:/NAME@champion`)."""
+    from rayft.registry.tracking import client
+    from rayft.registry.versions import register_version
+
+    tracking = f"sqlite:///{root}/mlflow.db"
+    c = client(tracking)
+    run = c.create_run(c.create_experiment(experiment, artifact_location=f"file://{root}/mlartifacts"))
+    c.log_artifacts(run.info.run_id, adapter_dir, artifact_path="adapter")
+    c.set_terminated(run.info.run_id)
+    register_version(tracking, name, run.info.run_id, "adapter", {"kind": "adapter"})
+    c.set_registered_model_alias(name, "champion", "1")
+    return tracking, f"models:/{name}@champion"
+
+
 # ------------------------------------------------------------------------ fault injection and load (tests, benchmarks)
 
 

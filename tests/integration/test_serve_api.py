@@ -33,7 +33,7 @@ def server(ray_local, tiny_model_dir, toy_adapters, tmp_path_factory):
     from rayft.serve.app import build_app
     from rayft.serve.auth import hash_key
     from rayft.serve.config import ABSplit, ABVersion, ServeConfig
-    from tests.serve_helpers import merge_toy_adapter
+    from tests.serve_helpers import merge_toy_adapter, register_champion_adapter
 
     root = tmp_path_factory.mktemp("serve-api")
     ad = dict(toy_adapters)  # a, b, c answer ANSWER_A, ANSWER_B, "Maybe later." (tests/integration/conftest.py)
@@ -41,17 +41,7 @@ def server(ray_local, tiny_model_dir, toy_adapters, tmp_path_factory):
     (root / "broken" / "adapter_config.json").write_text("{}")  # on disk, but not a loadable adapter
     ad["broken"] = str(root / "broken")
     # an adapter from the MLflow registry (SQLite): b logged by a run, registered, alias champion
-    from rayft.registry.tracking import client
-    from rayft.registry.versions import register_version
-
-    tracking = f"sqlite:///{root}/mlflow.db"
-    c = client(tracking)
-    run = c.create_run(c.create_experiment("serve-api", artifact_location=f"file://{root}/mlartifacts"))
-    c.log_artifacts(run.info.run_id, ad["b"], artifact_path="adapter")
-    c.set_terminated(run.info.run_id)
-    register_version(tracking, "tiny-bot", run.info.run_id, "adapter", {"kind": "adapter"})
-    c.set_registered_model_alias("tiny-bot", "champion", "1")
-    ad["reg"] = "models:/tiny-bot@champion"
+    tracking, ad["reg"] = register_champion_adapter(root, ad["b"], experiment="serve-api")
     merged_a = merge_toy_adapter(tiny_model_dir, ad["a"], str(root / "merged-a"))
     merged_b = merge_toy_adapter(tiny_model_dir, ad["b"], str(root / "merged-b"))
     keys = root / "keys.yaml"

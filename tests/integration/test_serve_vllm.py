@@ -40,14 +40,12 @@ def server(ray_local, tiny_model_dir, toy_adapters, tmp_path_factory, repo_root)
     import yaml
     from ray import serve
 
-    from rayft.registry.tracking import client
-    from rayft.registry.versions import register_version
     from rayft.security.artifacts import finish_export
     from rayft.security.config import SecurityConfig
     from rayft.serve.app import start
     from rayft.serve.auth import hash_key
     from rayft.serve.config import ABSplit, ABVersion, ServeConfig
-    from tests.serve_helpers import merge_toy_adapter
+    from tests.serve_helpers import merge_toy_adapter, register_champion_adapter
 
     root = tmp_path_factory.mktemp("serve-vllm")
     key_file = root / "artifact.key"
@@ -56,14 +54,7 @@ def server(ray_local, tiny_model_dir, toy_adapters, tmp_path_factory, repo_root)
     security = SecurityConfig(key_file=str(key_file), policy_file=str(repo_root / "examples" / "security" / "policy.yaml"),
                               audit_log=str(root / "audit.jsonl"))
     ad = {"a": toy_adapters["a"], "b": toy_adapters["b"], "c": toy_adapters["c"]}
-    tracking = f"sqlite:///{root}/mlflow.db"
-    c = client(tracking)
-    run = c.create_run(c.create_experiment("serve-vllm", artifact_location=f"file://{root}/mlartifacts"))
-    c.log_artifacts(run.info.run_id, ad["b"], artifact_path="adapter")
-    c.set_terminated(run.info.run_id)
-    register_version(tracking, "tiny-bot", run.info.run_id, "adapter", {"kind": "adapter"})
-    c.set_registered_model_alias("tiny-bot", "champion", "1")
-    ad["reg"] = "models:/tiny-bot@champion"
+    tracking, ad["reg"] = register_champion_adapter(root, ad["b"], experiment="serve-vllm")
     ad["enc"] = str(root / "enc-a")
     shutil.copytree(toy_adapters["a"], ad["enc"])
     merged_a = merge_toy_adapter(tiny_model_dir, toy_adapters["a"], str(root / "merged-a"))
