@@ -1,30 +1,83 @@
 """Chat rendering and loss masking: one conversation -> (input_ids, loss_mask).
 
 The conversation is rendered into text segments, each marked trainable or not: the assistant's
-content and its end-of-turn marker are trainable, everything else (system, user, role headers,
-the generation prompt) is not. The whole text is tokenized at once (fast tokenizers) and each
-token takes the mark of the segment it starts in.
+content, its tool calls and its end-of-turn marker are trainable; everything else (system text,
+the tool list, user text, tool results, role headers, the generation prompt, and assistant messages
+with `weight: 0`) is not. The whole text is tokenized at once (fast tokenizers) and each token takes
+the mark of the segment it starts in.
 
 With the tokenizer's own Jinja template, segments come from rendering growing prefixes of the
-conversation; a template whose renderings are not prefixes of each other is reported as such.
-Without a template, rayft's default layout (ChatML) is used:
+conversation (tools passed as `tools=`, as transformers' `apply_chat_template` takes them); a
+template whose renderings are not prefixes of each other is reported as such. Without a template,
+rayft's default layout (ChatML, with Hermes-style tool calls as Qwen2.5 renders them) is used:
 
-    <|im_start|>system\n{content}<|im_end|>\n
+    <|im_start|>system\n{system}\n\n{TOOLS_PREAMBLE}<tools>\n{tool JSON per line}\n</tools>{TOOLS_FORMAT}<|im_end|>\n
     <|im_start|>user\n{content}<|im_end|>\n
+    <|im_start|>assistant\n{content}\n<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call><|im_end|>\n
+    <|im_start|>tool\n<tool_response>\n{content}\n</tool_response><|im_end|>\n
     <|im_start|>assistant\n{content}<|im_end|>\n      (trainable from {content} to the end)
+
+The system turn carries the tools only when the row has tools (without a system message it holds
+just the tool block); an assistant message's content and its calls are joined by newlines. Each
+tool is written as {"type": "function", "function": {"name", "description", "parameters"}} and each
+call as {"name", "arguments"}, both as JSON with `json.dumps` defaults (what Jinja's `tojson` writes).
 """
 from __future__ import annotations
 
+import json
 from typing import Optional, Sequence
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+TOOL_RESPONSE_START, TOOL_RESPONSE_END = "<tool_response>", "</tool_response>"
+TOOLS_PREAMBLE = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n"
+)
+TOOLS_FORMAT = (
+    "\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>"
+)
 
-# The same layout as a Jinja template, for tokenizers built by rayft (tiny-model) and for serving.
+# The same layout as a Jinja template, for tokenizers built by rayft (tiny-model) and for serving (vLLM and the hf
+# engine render requests with it, tools included). A test renders both ways and compares.
 DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{%- macro tool_json(t) -%}{%- set f = t.function if t.function is defined else t -%}"
+    '{"type": "function", "function": {"name": {{ f.name | tojson }}, "description": {{ (f.description or "") | tojson }}, '
+    '"parameters": {{ (f.parameters or {}) | tojson }}}}'
+    "{%- endmacro -%}"
+    "{%- macro call_json(c) -%}{%- set f = c.function if c.function is defined else c -%}"
+    '{"name": {{ f.name | tojson }}, "arguments": '
+    "{%- if f.arguments is string %} {{ f.arguments }}{% else %} {{ (f.arguments or {}) | tojson }}{% endif -%}"
+    "}"
+    "{%- endmacro -%}"
+    "{%- set tool_block = '' -%}"
+    "{%- if tools -%}"
+    "{%- set ns = namespace(lines=[]) -%}"
+    "{%- for t in tools -%}{%- set ns.lines = ns.lines + [tool_json(t)] -%}{%- endfor -%}"
+    "{%- set tool_block = " + json.dumps(TOOLS_PREAMBLE) + " + '<tools>\n' + (ns.lines | join('\n')) + '\n</tools>' + "
+    + json.dumps(TOOLS_FORMAT) + " -%}"
+    "{%- endif -%}"
+    "{%- if tool_block and (not messages or messages[0]['role'] != 'system') -%}"
+    "{{- '<|im_start|>system\n' + tool_block + '<|im_end|>\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' and loop.first and tool_block -%}"
+    "{{- '<|im_start|>system\n' + message['content'] + '\n\n' + tool_block + '<|im_end|>\n' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- set ns2 = namespace(parts=[]) -%}"
+    "{%- if message['content'] -%}{%- set ns2.parts = ns2.parts + [message['content']] -%}{%- endif -%}"
+    "{%- for c in message.get('tool_calls') or [] -%}"
+    "{%- set ns2.parts = ns2.parts + ['<tool_call>\n' + call_json(c) + '\n</tool_call>'] -%}"
+    "{%- endfor -%}"
+    "{{- '<|im_start|>assistant\n' + (ns2.parts | join('\n')) + '<|im_end|>\n' -}}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{- '<|im_start|>tool\n<tool_response>\n' + message['content'] + '\n</tool_response><|im_end|>\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
 )
 
 
@@ -35,46 +88,94 @@ class TemplateError(ValueError):
 Segments = list[tuple[str, bool]]  # (text, trainable)
 
 
-def render_segments(messages: Sequence[dict], tokenizer=None, chat_template: Optional[str] = None) -> Segments:
+def render_segments(messages: Sequence[dict], tokenizer=None, chat_template: Optional[str] = None,
+                    tools: Optional[Sequence[dict]] = None) -> Segments:
     """Split a rendered conversation into (text, trainable) segments."""
     template = chat_template or (getattr(tokenizer, "chat_template", None) if tokenizer is not None else None)
     if not template or template == DEFAULT_CHAT_TEMPLATE:
-        return _default_segments(messages)
-    return _template_segments(messages, tokenizer, template)
+        return _default_segments(messages, tools)
+    return _template_segments(messages, tokenizer, template, tools)
 
 
-def _default_segments(messages: Sequence[dict]) -> Segments:
+def tool_json(tool: dict) -> str:
+    f = tool.get("function", tool)
+    return json.dumps({"type": "function", "function": {"name": f["name"], "description": f.get("description") or "",
+                                                       "parameters": f.get("parameters") or {}}}, ensure_ascii=False)
+
+
+def call_json(call: dict) -> str:
+    f = call.get("function", call)
+    args = f.get("arguments") or {}
+    if isinstance(args, str):
+        return '{"name": ' + json.dumps(f["name"], ensure_ascii=False) + ', "arguments": ' + args + "}"
+    return json.dumps({"name": f["name"], "arguments": args}, ensure_ascii=False)
+
+
+def _tool_block(tools: Sequence[dict]) -> str:
+    return TOOLS_PREAMBLE + "<tools>\n" + "\n".join(tool_json(t) for t in tools) + "\n</tools>" + TOOLS_FORMAT
+
+
+def _assistant_body(m: dict) -> str:
+    parts = [m["content"]] if m.get("content") else []
+    parts += [f"{TOOL_CALL_START}\n{call_json(c)}\n{TOOL_CALL_END}" for c in m.get("tool_calls") or ()]
+    return "\n".join(parts)
+
+
+def _default_text(m: dict) -> str:
+    if m["role"] == "tool":
+        return f"{IM_START}tool\n{TOOL_RESPONSE_START}\n{m['content']}\n{TOOL_RESPONSE_END}{IM_END}\n"
+    return f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n"
+
+
+def _default_segments(messages: Sequence[dict], tools: Optional[Sequence[dict]] = None) -> Segments:
     segs: Segments = []
     pending = ""
+    messages = list(messages)
+    if tools:
+        if messages and messages[0]["role"] == "system":
+            pending = f"{IM_START}system\n{messages[0]['content']}\n\n{_tool_block(tools)}{IM_END}\n"
+            messages = messages[1:]
+        else:
+            pending = f"{IM_START}system\n{_tool_block(tools)}{IM_END}\n"
     for m in messages:
         if m["role"] == "assistant":
-            segs.append((pending + f"{IM_START}assistant\n", False))
-            segs.append((m["content"] + f"{IM_END}\n", True))
-            pending = ""
+            text = _assistant_body(m) + f"{IM_END}\n"
+            if m.get("weight", 1):
+                segs.append((pending + f"{IM_START}assistant\n", False))
+                segs.append((text, True))
+                pending = ""
+            else:
+                pending += f"{IM_START}assistant\n" + text
         else:
-            pending += f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n"
+            pending += _default_text(m)
     if pending:
         segs.append((pending, False))
     return segs
 
 
-def _apply(tokenizer, template: str, messages, add_generation_prompt: bool) -> str:
+def _apply(tokenizer, template: str, messages, add_generation_prompt: bool, tools=None) -> str:
     return tokenizer.apply_chat_template(
-        list(messages), chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        [_for_template(m) for m in messages], chat_template=template, tokenize=False,
+        add_generation_prompt=add_generation_prompt, tools=list(tools) if tools else None,
     )
 
 
-def _template_segments(messages: Sequence[dict], tokenizer, template: str) -> Segments:
+def _for_template(m: dict) -> dict:
+    """A canonical message as chat templates take it (no rayft-only keys)."""
+    return {k: v for k, v in m.items() if k != "weight"}
+
+
+def _template_segments(messages: Sequence[dict], tokenizer, template: str, tools=None) -> Segments:
     if tokenizer is None:
         raise TemplateError("a Jinja chat template needs a tokenizer to render it")
-    full = _apply(tokenizer, template, messages, False)
+    full = _apply(tokenizer, template, messages, False, tools)
     segs: Segments = []
     pos = 0
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or not m.get("weight", 1):
             continue
-        start = len(_apply(tokenizer, template, messages[:i], True))
-        end_text = _apply(tokenizer, template, messages[: i + 1], False)
+        start = len(_apply(tokenizer, template, messages[:i], True, tools))
+        end_text = _apply(tokenizer, template, messages[: i + 1], False, tools)
         end = len(end_text)
         if not full.startswith(end_text) or start > end or start < pos:
             raise TemplateError(
@@ -148,17 +249,19 @@ def _tokenize_with_offsets(batch: Sequence[Segments], tokenizer) -> list[tuple[l
     return out
 
 
-def render_conversation(messages: Sequence[dict], tokenizer, chat_template: Optional[str] = None) -> tuple[list[int], list[int]]:
-    """The one function: a conversation -> (input_ids, loss_mask), loss on every assistant turn."""
-    return tokenize_segments([render_segments(messages, tokenizer, chat_template)], tokenizer)[0]
+def render_conversation(messages: Sequence[dict], tokenizer, chat_template: Optional[str] = None,
+                        tools: Optional[Sequence[dict]] = None) -> tuple[list[int], list[int]]:
+    """The one function: a conversation -> (input_ids, loss_mask), loss on every trained assistant turn."""
+    return tokenize_segments([render_segments(messages, tokenizer, chat_template, tools)], tokenizer)[0]
 
 
-def render_prompt(messages: Sequence[dict], tokenizer, chat_template: Optional[str] = None) -> str:
+def render_prompt(messages: Sequence[dict], tokenizer, chat_template: Optional[str] = None,
+                  tools: Optional[Sequence[dict]] = None) -> str:
     """The text a server sends to the model for these messages (generation prompt added)."""
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template or template == DEFAULT_CHAT_TEMPLATE:
-        return "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages) + f"{IM_START}assistant\n"
-    return _apply(tokenizer, template, messages, True)
+        return "".join(t for t, _ in _default_segments(messages, tools)) + f"{IM_START}assistant\n"
+    return _apply(tokenizer, template, messages, True, tools)
 
 
 def fit_conversation(
@@ -168,9 +271,10 @@ def fit_conversation(
     policy: str,
     chat_template: Optional[str] = None,
     rendered: Optional[tuple[list[int], list[int]]] = None,
+    tools: Optional[Sequence[dict]] = None,
 ) -> tuple[Optional[list[int]], Optional[list[int]], bool, str]:
     """Apply the truncation policy. Returns (input_ids, loss_mask, truncated, why_rejected)."""
-    ids, mask = rendered if rendered is not None else render_conversation(messages, tokenizer, chat_template)
+    ids, mask = rendered if rendered is not None else render_conversation(messages, tokenizer, chat_template, tools)
     if len(ids) <= max_len:
         return ids, mask, False, ""
     n = len(ids)
@@ -182,9 +286,16 @@ def fit_conversation(
     if policy == "drop_oldest_turns":
         msgs = list(messages)
         head = 1 if msgs and msgs[0]["role"] == "system" else 0
-        while len(msgs) - head > 2:
-            msgs = msgs[:head] + msgs[head + 2:]
-            ids, mask = render_conversation(msgs, tokenizer, chat_template)
+        while True:
+            # The oldest exchange: its user message up to (not including) the next user message, so an assistant's
+            # tool calls leave together with their results.
+            nxt = next((k for k in range(head + 1, len(msgs)) if msgs[k]["role"] == "user"), None)
+            if nxt is None:
+                break
+            msgs = msgs[:head] + msgs[nxt:]
+            if not any(m["role"] == "assistant" and m.get("weight", 1) for m in msgs):
+                break
+            ids, mask = render_conversation(msgs, tokenizer, chat_template, tools)
             if len(ids) <= max_len:
                 return ids, mask, True, ""
         return None, None, False, f"{n} tokens > max_seq_length {max_len}, and {len(ids)} after dropping the oldest turns"

@@ -1,5 +1,8 @@
 """`rayft data inspect`: the first kept examples as the model sees them, trained-on spans marked.
 
+Tool-calling rows show the tool list in the system turn, the assistant's <tool_call> blocks (trained on)
+and the tool results (not trained on), exactly as the model is trained on them.
+
 Runs on the driver without Ray (it reads only the head of each source), using the same functions
 as the pipeline: normalise, redact, render, tokenize, truncate.
 """
@@ -10,7 +13,7 @@ from .config import DataConfig
 from .formats import iter_records
 from .pipeline import TokenizerSpec, _head, load_tokenizer, plan_sources
 from .redact import redact_messages
-from .schemas import Reject, apply_column_map, normalise
+from .schemas import Reject, apply_column_map, read_conversation
 
 GREEN, RESET = "\033[32m", "\033[0m"
 
@@ -47,12 +50,14 @@ def inspect_examples(cfg: DataConfig, spec: TokenizerSpec, n: int, color: bool =
                 if rec.record is None:
                     continue
                 try:
-                    msgs = normalise(apply_column_map(rec.record, plan.config["column_map"]), plan.schema, plan.config["system_prompt"])
+                    msgs, tools = read_conversation(apply_column_map(rec.record, plan.config["column_map"]), plan.schema,
+                                                    plan.config["system_prompt"])
                 except Reject:
                     continue
                 if cfg.redact_pii:
                     msgs, _ = redact_messages(msgs)
-                ids, mask, cut, why = fit_conversation(msgs, tok, cfg.max_seq_length, cfg.truncation, cfg.chat_template)
+                ids, mask, cut, why = fit_conversation(msgs, tok, cfg.max_seq_length, cfg.truncation, cfg.chat_template,
+                                                       tools=tools)
                 if ids is None:
                     continue
                 head = f"=== {where}: {len(ids)} tokens, {sum(mask)} trained on{', truncated' if cut else ''} ==="

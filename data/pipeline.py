@@ -43,7 +43,7 @@ from .formats import (
 )
 from .pack import pack_flat, padding_waste_unpacked, single_flat
 from .redact import PII_KINDS, redact, redact_messages
-from .schemas import SCHEMAS, Reject, apply_column_map, content_key, detect_schema, normalise, used_columns
+from .schemas import SCHEMAS, Reject, apply_column_map, content_key, detect_schema, read_conversation, used_columns
 
 PEEK_ROWS = 50
 BLOCK_ROWS = 2048  # rows per block after reading: enough blocks to keep every CPU busy
@@ -245,7 +245,7 @@ class UnitCounts:
 
 
 _PARSED_COLUMNS = ("source_idx", "source", "file", "unit", "row", "line", "reason", "detail", "raw", "messages",
-                   "key") + tuple("pii_" + k for k in PII_KINDS)
+                   "tools", "key") + tuple("pii_" + k for k in PII_KINDS)
 _PARSED_TYPES = {"source_idx": pa.int32(), "unit": pa.int32(), "row": pa.int64(), "line": pa.int64(),
                  **{"pii_" + k: pa.int32() for k in PII_KINDS}}
 
@@ -257,7 +257,7 @@ def parse_records(records, path: str, unit: int, plan: dict, redact_pii: bool, r
     src = plan["config"]
     cols: dict[str, list] = {c: [] for c in _PARSED_COLUMNS}
     for rec in records:
-        reason, detail, raw, messages_json, key = rec.reason, rec.detail, rec.raw, "", ""
+        reason, detail, raw, messages_json, tools_json, key = rec.reason, rec.detail, rec.raw, "", "", ""
         counts = None
         if rec.record is not None:
             # Columns the schema does not read are dropped here, also from the raw text a reject keeps.
@@ -265,11 +265,13 @@ def parse_records(records, path: str, unit: int, plan: dict, redact_pii: bool, r
             if len(record) != len(rec.record):
                 raw = json.dumps(record, ensure_ascii=False, default=str)
             try:
-                messages = normalise(apply_column_map(record, src["column_map"]), plan["schema"], src["system_prompt"])
+                messages, tools = read_conversation(apply_column_map(record, src["column_map"]), plan["schema"],
+                                                    src["system_prompt"])
                 if redact_pii:
                     messages, counts = redact_messages(messages)
                 messages_json = json.dumps(messages, ensure_ascii=False)
-                key = hashlib.blake2b(content_key(messages).encode(), digest_size=16).hexdigest()
+                tools_json = json.dumps(tools, ensure_ascii=False) if tools else ""
+                key = hashlib.blake2b(content_key(messages, tools).encode(), digest_size=16).hexdigest()
             except Reject as r:
                 reason, detail = r.reason, r.detail
         if len(raw) > raw_limit:
@@ -278,7 +280,8 @@ def parse_records(records, path: str, unit: int, plan: dict, redact_pii: bool, r
             raw = redact(raw)[0]  # the raw text may reach the rejects file
         for c, v in (("source_idx", plan["index"]), ("source", plan["name"]), ("file", path), ("unit", unit),
                      ("row", rec.row), ("line", rec.line if rec.line is not None else -1), ("reason", reason),
-                     ("detail", detail), ("raw", raw), ("messages", messages_json), ("key", key)):
+                     ("detail", detail), ("raw", raw), ("messages", messages_json), ("tools", tools_json),
+                     ("key", key)):
             cols[c].append(v)
         for k in PII_KINDS:
             cols["pii_" + k].append(counts[k] if counts else 0)
@@ -371,15 +374,18 @@ def render_batch(batch: pa.Table, spec: TokenizerSpec, cfg: dict, split_of: dict
     keys = batch["key"].to_pylist()
     todo = [i for i in range(n) if not reason[i]]
     messages_col = batch["messages"]
+    tools_col = batch["tools"]
     convs = [json.loads(messages_col[i].as_py()) for i in todo]
-    rendered = tokenize_segments([render_segments(m, tok, cfg["chat_template"]) for m in convs], tok)
+    tools = [json.loads(t) if (t := tools_col[i].as_py()) else None for i in todo]
+    rendered = tokenize_segments([render_segments(m, tok, cfg["chat_template"], tools=t) for m, t in zip(convs, tools)], tok)
     input_ids: list = [[] for _ in range(n)]
     masks: list = [[] for _ in range(n)]
     truncated = [False] * n
     split = [""] * n
-    for i, messages, (ids, mask) in zip(todo, convs, rendered):
+    for i, messages, row_tools, (ids, mask) in zip(todo, convs, tools, rendered):
         ids, mask, cut, why = fit_conversation(
-            messages, tok, cfg["max_seq_length"], cfg["truncation"], cfg["chat_template"], rendered=(ids, mask)
+            messages, tok, cfg["max_seq_length"], cfg["truncation"], cfg["chat_template"], rendered=(ids, mask),
+            tools=row_tools,
         )
         if ids is None:
             reason[i], detail[i] = "too_long", why
@@ -393,7 +399,7 @@ def render_batch(batch: pa.Table, spec: TokenizerSpec, cfg: dict, split_of: dict
             split[i] = fixed
         else:
             split[i] = "eval" if _unit_hash(cfg["seed"], "split", keys[i]) < cfg["eval_fraction"] else "train"
-    out = batch.drop_columns(["messages", "reason", "detail"])  # from here on a kept row carries tokens, not text
+    out = batch.drop_columns(["messages", "tools", "reason", "detail"])  # from here on a kept row carries tokens, not text
     lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=n)
     flat_ids = np.fromiter((t for x in input_ids for t in x), dtype=np.int32, count=int(lengths.sum()))
     flat_mask = np.fromiter((t for x in masks for t in x), dtype=np.int8, count=int(lengths.sum()))

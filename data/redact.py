@@ -66,11 +66,26 @@ def redact(text: str) -> tuple[str, dict[str, int]]:
 
 
 def redact_messages(messages: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """Redact every message's text and the string values inside its tool-call arguments."""
     total = {k: 0 for k in PII_KINDS}
+
+    def scrub(value):
+        if isinstance(value, str):
+            text, counts = redact(value)
+            for k, v in counts.items():
+                total[k] += v
+            return text
+        if isinstance(value, dict):
+            return {k: scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        return value
+
     out = []
     for m in messages:
-        content, counts = redact(m["content"])
-        for k, v in counts.items():
-            total[k] += v
-        out.append({"role": m["role"], "content": content})
+        m = {**m, "content": scrub(m["content"])}
+        if m.get("tool_calls"):
+            m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": scrub(c["function"]["arguments"])}}
+                               for c in m["tool_calls"]]
+        out.append(m)
     return out, total

@@ -22,6 +22,8 @@ class GoldenExample:
     id: str  # "<source>:<row>"
     prompt: list[dict]  # the messages before the reference turn
     reference: str
+    tools: list[dict] = field(default_factory=list)  # the row's tools, rendered into the prompt
+    reference_calls: list[dict] = field(default_factory=list)  # [{name, arguments}] when the reference turn calls tools
 
 
 @dataclass
@@ -65,26 +67,32 @@ def load_golden(data: DataConfig, sources: Optional[list] = None, log: Callable[
         if not own and p.config["split"] == "train":
             continue
         for file in p.files:
-            for row, messages, reason, detail in _read_rows(file, p, cfg):
+            for row, messages, tools, reason, detail in _read_rows(file, p, cfg):
                 if reason:
                     if own:  # the eval split's rejects are the training run's (its rejects file)
                         rejected.append({"source": p.name, "file": file, "row": row, "reason": reason,
                                          "detail": detail})
                     continue
-                key = hashlib.blake2b(_content_key(messages).encode(), digest_size=16).hexdigest()
+                key = hashlib.blake2b(_content_key(messages, tools).encode(), digest_size=16).hexdigest()
                 if not own and p.config["split"] is None and _unit_hash(data.seed, "split", key) >= data.eval_fraction:
                     continue  # a training row
                 if data.dedup and key in seen:
                     continue  # the pipeline keeps the first copy only
                 seen.add(key)
-                last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+                # The reference turn: the first trained assistant turn that calls tools (choosing the tool and its
+                # arguments is the skill a tool row teaches), else the last trained assistant turn.
+                trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1)]
+                calling = [i for i in trained if messages[i].get("tool_calls")]
+                last = calling[0] if calling else (trained[-1] if trained else None)
                 if last is None:
                     rejected.append({"source": p.name, "file": file, "row": row, "reason": "no_reference",
                                      "detail": "no assistant turn to compare the answer with"})
                     continue
                 content = messages[last]["content"]
                 reference = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
-                examples.append(GoldenExample(f"{p.name}:{row}", messages[:last], reference))
+                calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                         for c in messages[last].get("tool_calls") or ()]
+                examples.append(GoldenExample(f"{p.name}:{row}", messages[:last], reference, tools or [], calls))
     if not examples:
         where = ("eval.sources" if own else
                  f"the eval split (data.eval_fraction {data.eval_fraction} of {len(plans)} source(s))")
@@ -95,29 +103,30 @@ def load_golden(data: DataConfig, sources: Optional[list] = None, log: Callable[
 
 
 def _read_rows(file: str, plan, cfg: DataConfig):
-    """(row, messages, reason, detail) per record, as the pipeline's first stage normalises it."""
+    """(row, messages, tools, reason, detail) per record, as the pipeline's first stage normalises it."""
     from rayft.data.formats import iter_records, read_bytes
     from rayft.data.redact import redact_messages
-    from rayft.data.schemas import Reject, apply_column_map, normalise, used_columns
+    from rayft.data.schemas import Reject, apply_column_map, read_conversation, used_columns
 
     src = plan.config
     fmt = plan.formats[file]
     for rec in iter_records(read_bytes(file), fmt, cfg.rejects_sample_chars):
         if rec.record is None:
-            yield rec.row, None, rec.reason, rec.detail
+            yield rec.row, None, None, rec.reason, rec.detail
             continue
         try:
             record = used_columns(rec.record, plan.schema, src["column_map"])
-            messages = normalise(apply_column_map(record, src["column_map"]), plan.schema, src["system_prompt"])
+            messages, tools = read_conversation(apply_column_map(record, src["column_map"]), plan.schema,
+                                                src["system_prompt"])
             if cfg.redact_pii:
                 messages, _ = redact_messages(messages)
         except Reject as r:
-            yield rec.row, None, r.reason, r.detail
+            yield rec.row, None, None, r.reason, r.detail
             continue
-        yield rec.row, messages, "", ""
+        yield rec.row, messages, tools, "", ""
 
 
-def _content_key(messages: list[dict]) -> str:
+def _content_key(messages: list[dict], tools: Optional[list[dict]] = None) -> str:
     from rayft.data.schemas import content_key
 
-    return content_key(messages)
+    return content_key(messages, tools)

@@ -27,6 +27,30 @@ def S(text):
     return {"role": "system", "content": text}
 
 
+def H(text):
+    return {"from": "human", "value": text}
+
+
+def G(text):
+    return {"from": "gpt", "value": text}
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Current weather",
+                                         "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                        "required": ["city"]}}}
+
+
+def CALL(name, arguments, call_id=None):
+    call = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    if call_id:
+        call["id"] = call_id
+    return {"role": "assistant", "content": None, "tool_calls": [call]}
+
+
+def R(text, call_id=None):
+    return {"role": "tool", "content": text, **({"tool_call_id": call_id} if call_id else {})}
+
+
 # ------------------------------------------------------------------------------------------ alpaca
 
 
@@ -323,17 +347,44 @@ REJECT_CASES = [
     ("openai", {"messages": [S("sys"), U("  "), A("a")]}, "empty_content", r"^message 1 \(user\) is empty$"),
     # unknown_role
     ("openai", {"messages": [U("q"), A("a"), {"role": "moderator", "content": "ok"}]}, "unknown_role",
-     r"^messages\[2\]\.role is 'moderator'; expected system, user or assistant$"),
+     r"^messages\[2\]\.role is 'moderator'; expected system, user, assistant or tool \(ShareGPT: human, gpt, function_call, observation\)$"),
     ("sharegpt", {"conversations": [{"from": "narrator", "value": "x"}]}, "unknown_role",
      r"^conversations\[0\]\.from is 'narrator'"),
-    # tool_turn
-    ("openai", {"messages": [U("q"), {"role": "tool", "content": "42"}, A("a")]}, "tool_turn", r"^messages\[1\]\.role is 'tool'$"),
-    ("openai", {"messages": [U("q"), {"role": "assistant", "content": "", "tool_calls": [{"id": "c1"}]}]}, "tool_turn",
-     r"^messages\[1\] calls a tool$"),
-    ("openai", {"messages": [U("q"), {"role": "assistant", "content": "x", "function_call": {"name": "f"}}]}, "tool_turn",
-     r"^messages\[1\] calls a tool$"),
-    ("sharegpt", {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{}"}]}, "tool_turn",
-     r"^conversations\[1\]\.from is 'function_call'$"),
+    # bad_tool_schema
+    ("openai", {"tools": "[1]", "messages": [U("q"), A("a")]}, "bad_tool_schema",
+     r"^tools\[0\] is a int, not a JSON object describing a function$"),
+    ("openai", {"tools": [{"type": "function", "function": {"description": "no name"}}], "messages": [U("q"), A("a")]},
+     "bad_tool_schema", r"^tools\[0\] has no function name \(got None\); each tool needs a `name`$"),
+    ("sharegpt", {"tools": '[{"name": "f", "parameters": [1, 2]}]', "conversations": [H("q"), G("a")]}, "bad_tool_schema",
+     r"^tools\[0\]\.parameters is a list; expected a JSON schema object$"),
+    ("sharegpt", {"tools": '{"name": "f"', "conversations": [H("q"), G("a")]}, "unparsable_json",
+     r"^tools is text but not valid JSON"),
+    ("openai", {"tools": [{"type": "retrieval"}], "messages": [U("q"), A("a")]}, "bad_tool_schema",
+     r"^tools\[0\]\.type is 'retrieval'; only function tools are supported$"),
+    # bad_tool_arguments
+    ("openai", {"tools": [TOOL], "messages": [U("q"), CALL("get_weather", '{"city": "Paris"'), R("20C"), A("warm")]},
+     "bad_tool_arguments", r"^messages\[1\]\.tool_calls\[0\]\.arguments is not valid JSON \(Expecting ',' delimiter at column 17\)"),
+    ("openai", {"tools": [TOOL], "messages": [U("q"), CALL("get_weather", "[1]"), R("20C"), A("warm")]},
+     "bad_tool_arguments", r"^messages\[1\]\.tool_calls\[0\]\.arguments is a JSON list; tool arguments must be a JSON object$"),
+    ("sharegpt", {"tools": [TOOL["function"]], "conversations": [H("q"), {"from": "function_call", "value": "{name: x}"}]},
+     "bad_tool_arguments", r"^conversations\[1\]\.value is not valid JSON"),
+    # unknown_tool
+    ("openai", {"tools": [TOOL], "messages": [U("q"), CALL("get_wether", {"city": "Paris"}), R("20C"), A("warm")]},
+     "unknown_tool", r"^message 1 tool_calls\[0\] calls 'get_wether', which the row's tools do not declare \(declared: get_weather\)"),
+    ("openai", {"messages": [U("q"), CALL("get_weather", {"city": "Paris"}), R("20C"), A("warm")]},
+     "unknown_tool", r"^message 1 tool_calls\[0\] calls 'get_weather', .*\(declared: none: the row has no `tools`\)"),
+    # orphan_tool_result
+    ("openai", {"messages": [U("q"), {"role": "tool", "content": "42"}, A("a")]}, "orphan_tool_result",
+     r"^message 1 is a tool result, but no assistant tool call is waiting for one"),
+    ("openai", {"tools": [TOOL], "messages": [U("q"), CALL("get_weather", {"city": "P"}, "call_1"), R("20C", "call_9"), A("a")]},
+     "orphan_tool_result", r"^message 2 answers tool_call_id 'call_9', but the pending calls are 'call_1'$"),
+    ("sharegpt", {"tools": [TOOL["function"]], "conversations": [H("q"), {"from": "observation", "value": "{}"}, G("a")]},
+     "orphan_tool_result", r"^message 1 is a tool result"),
+    # bad_weight
+    ("openai", {"messages": [U("q"), {"role": "assistant", "content": "a", "weight": 0.5}]}, "bad_weight",
+     r"^messages\[1\]\.weight is 0\.5; OpenAI's format allows 0 \(context, not trained on\) or 1$"),
+    ("openai", {"messages": [{"role": "user", "content": "q", "weight": 1}, A("a")]}, "bad_weight",
+     r"^messages\[0\]\.weight is set on a user message; only assistant messages carry a weight$"),
     # no_assistant_turn
     ("openai", {"messages": [S("sys"), U("q")]}, "no_assistant_turn", r"^no message has the assistant role$"),
     ("openai", {"messages": []}, "no_assistant_turn", r"^the conversation has no messages$"),
@@ -345,6 +396,11 @@ REJECT_CASES = [
     ("openai", {"messages": [U("q"), A("a"), U("q2")]}, "wrong_turn_order", r"^the conversation ends with user, not assistant$"),
     ("openai", {"messages": [U("q"), S("late"), A("a")]}, "wrong_turn_order", r"^a system message at position 1; only the first"),
     ("openai", {"messages": [S("s1"), S("s2"), U("q"), A("a")]}, "wrong_turn_order", r"^a system message at position 1"),
+    ("openai", {"tools": [TOOL], "messages": [U("q"), CALL("get_weather", {"city": "P"}), U("and?"), A("a")]},
+     "wrong_turn_order", r"^message 2 is user but the tool call\(s\) of an earlier assistant message \(get_weather\) have no "
+     r"tool message with their result; give one tool message per call$"),
+    ("openai", {"messages": [U("q"), {"role": "assistant", "content": "a", "weight": 0}]}, "no_assistant_turn",
+     r"^every assistant message has weight 0, so there is nothing to learn$"),
 ]
 
 
