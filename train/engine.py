@@ -25,13 +25,16 @@ def build_engine(model_cfg: ModelConfig, train: TrainConfig, warmup_steps: int, 
     torch.manual_seed(train.seed)
     check_quantization(model_cfg, train)
     dtype = choose_dtype(model_cfg, train.use_gpu)
-    model = build_peft_model(model_cfg, train, dtype, log=log,
-                             device_map={"": device} if model_cfg.quantization != "none" else None,
-                             security=security)
+    ds_config = build_deepspeed_config(train, dtype)
+    # Under ZeRO-3 the base is built partitioned and streamed in (models/zero3.py): the same config drives
+    # deepspeed.zero.Init there and the engine here.
+    model = build_peft_model(
+        model_cfg, train, dtype, log=log, device_map={"": device} if model_cfg.quantization != "none" else None,
+        security=security, zero3_config=ds_config if train.deepspeed.zero_stage == 3 else None)
     schedule = lr_lambda(train.lr_schedule, warmup_steps, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=build_deepspeed_config(train, dtype),
+        config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
     return engine

@@ -1,7 +1,7 @@
 """Loading the base model for the device and wrapping it with a LoRA adapter."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from rayft.models.architectures import resolve_target_modules
 from rayft.models.config import ModelConfig
@@ -44,16 +44,26 @@ def check_quantization(model: ModelConfig, train: TrainConfig) -> None:
 
 
 def build_peft_model(model_cfg: ModelConfig, train: TrainConfig, dtype: str, log: Callable[[str], None] = print,
-                     device_map=None, security=None):
+                     device_map=None, security=None, zero3_config: Optional[dict] = None):
     """Base model + LoRA adapter, ready for the engine. Prints trainable / total parameters. The base is opened
-    with the run's `security` settings (manifest check, decryption, pickle weights only when allowed)."""
+    with the run's `security` settings (manifest check, decryption, pickle weights only when allowed). With `zero3_config` (the engine's DeepSpeed
+    config, stage 3) the base loads partitioned over the ranks: no rank holds the whole model; the model then keeps
+    the HfDeepSpeedConfig alive (`rayft_hf_deepspeed_config`): transformers reads the ZeRO-3 setting through a weak
+    reference to it (generation syncs the ranks, PEFT gathers a weight before reading it)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from rayft.security.artifacts import opened_for_load
 
+    keep_alive = None
+    allow_pickle = bool(security and security.allow_pickle_weights)
     with opened_for_load(model_cfg.name_or_path, security) as path:
-        base = load_base_model(model_cfg.model_copy(update={"name_or_path": path}), dtype, device_map,
-                               allow_pickle=bool(security and security.allow_pickle_weights))
+        local = model_cfg.model_copy(update={"name_or_path": path})
+        if zero3_config is not None:
+            from rayft.models.zero3 import load_base_model_zero3
+
+            base, keep_alive = load_base_model_zero3(local, dtype, zero3_config, allow_pickle=allow_pickle, log=log)
+        else:
+            base = load_base_model(local, dtype, device_map, allow_pickle=allow_pickle)
     if model_cfg.quantization != "none":
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=train.gradient_checkpointing)
     elif train.gradient_checkpointing:
@@ -64,6 +74,8 @@ def build_peft_model(model_cfg: ModelConfig, train: TrainConfig, dtype: str, log
     peft_model = get_peft_model(base, build_lora_config(train.lora, targets, base.config.model_type))
     trainable, total = count_parameters(peft_model)
     log(f"LoRA on {targets}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+    if keep_alive is not None:
+        peft_model.rayft_hf_deepspeed_config = keep_alive
     return peft_model
 
 
