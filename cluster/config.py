@@ -92,6 +92,15 @@ class RayftConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _qlora_is_not_partitioned(self) -> "RayftConfig":
+        from rayft.train.model import qlora_zero3_conflict
+
+        conflict = qlora_zero3_conflict(self.model, self.train)
+        if conflict:
+            raise ValueError(conflict)
+        return self
+
+    @model_validator(mode="after")
     def _remote_storage_needs_a_tracking_server(self) -> "RayftConfig":
         remote = "://" in self.storage_path and not self.storage_path.startswith("file://")
         if remote and self.tracking.enabled and not self.tracking.tracking_uri:

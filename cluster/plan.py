@@ -215,11 +215,20 @@ class MemoryPlan:
         return d
 
 
-def compute_dtype(cfg) -> str:
-    """The dtype training will use: the config's, or for `auto` bf16 on GPUs and fp32 on CPU (models/load.py)."""
-    if cfg.model.dtype != "auto":
-        return cfg.model.dtype
-    return "bfloat16" if cfg.train.use_gpu else "float32"
+# GPUs before Ampere have no bf16: training there falls back to fp16 with loss scaling (models/load.py choose_dtype).
+NO_BF16_GPUS = ("T4", "V100", "P100", "P4", "K80", "M60")
+
+
+def compute_dtype(cfg, gpu_name: Optional[str] = None) -> str:
+    """The dtype training will use: the config's, or for `auto` fp32 on CPU, bf16 on GPUs that have it and fp16
+    (with loss scaling) on those that do not (`gpu_name` from cluster.yaml; unknown: bf16)."""
+    from rayft.models.load import choose_dtype
+
+    return choose_dtype(cfg.model, cfg.train.use_gpu, bf16_supported=gpu_name not in NO_BF16_GPUS)
+
+
+def dtype_label(dtype: str) -> str:
+    return "float16 with dynamic loss scaling" if dtype == "float16" else dtype
 
 
 def estimate_memory(cfg, shape: ModelShape, num_gpus: Optional[int] = None, micro_batch_size: Optional[int] = None,
@@ -316,6 +325,7 @@ class Option:
     nodes: Optional[int]        # None: the workers do not fit in max_workers nodes of this type
     fits_memory: bool
     spot: bool
+    dtype: str = "bfloat16"     # what training uses on this GPU: bf16, or fp16 with loss scaling where bf16 is missing
 
     @property
     def fits(self) -> bool:
@@ -339,7 +349,8 @@ def rank_options(cfg, plan: MemoryPlan, types) -> list[Option]:
         options.append(Option(
             worker_type=wt.name, instance_type=wt.instance_type, gpu=wt.gpu_name or "?",
             gpu_memory_gib=mem or 0.0, gpus_per_node=wt.gpus, nodes=fit_nodes.get(wt.name),
-            fits_memory=bool(mem) and plan.total <= HEADROOM * mem * GiB, spot=wt.spot))
+            fits_memory=bool(mem) and plan.total <= HEADROOM * mem * GiB, spot=wt.spot,
+            dtype=compute_dtype(cfg, wt.gpu_name)))
 
     def key(o: Option):
         idle = (o.nodes * o.gpus_per_node - cfg.train.num_workers) if o.nodes else 10**6
@@ -387,7 +398,9 @@ def format_plan(cfg, shape: ModelShape, plan: MemoryPlan, options: list[Option],
         f"vocab {shape.vocab_size}): {_count(shape.total_params)} parameters",
         f"LoRA    rank {t.lora.rank} on {', '.join(shape.target_modules)}: {shape.trainable_params:,} trainable "
         f"({100 * shape.trainable_params / max(shape.total_params, 1):.3f}%)",
-        f"setup   {plan.num_gpus} worker(s){' x 1 GPU' if t.use_gpu else ' on CPU'}, {plan.dtype}, ZeRO-{plan.zero_stage}"
+        f"setup   {plan.num_gpus} worker(s){' x 1 GPU' if t.use_gpu else ' on CPU'}, {plan.dtype}"
+        f"{' (float16 with dynamic loss scaling on GPUs without bf16: T4, V100)' if t.use_gpu and cfg.model.dtype == 'auto' else ''}"
+        f", ZeRO-{plan.zero_stage}"
         f"{', offload optimizer' if plan.offload_optimizer else ''}{', offload params' if plan.offload_params else ''}, "
         f"micro batch {t.micro_batch_size} x {cfg.data.max_seq_length} tokens, gradient checkpointing "
         f"{'on' if t.gradient_checkpointing else 'off'}",
@@ -429,16 +442,25 @@ def format_plan(cfg, shape: ModelShape, plan: MemoryPlan, options: list[Option],
         else:
             verdict = f"fits: {o.nodes} node(s), {plan.total / GiB:.1f} of {o.gpu_memory_gib:g} GiB per GPU"
         lines.append(f"  {o.worker_type:20s} {o.instance_type:14s} {o.gpus_per_node} x {o.gpu} "
-                     f"{o.gpu_memory_gib:g} GiB{' spot' if o.spot else ''}  {verdict}")
+                     f"{o.gpu_memory_gib:g} GiB{' spot' if o.spot else ''}  {verdict}"
+                     f"{_dtype_note(cfg, o, plan)}")
     best = next((o for o in options if o.fits), None)
     lines.append("")
     if best:
         lines.append(f"recommended: {best.worker_type} ({best.instance_type}) x {best.nodes} node(s) for "
-                     f"{t.num_workers} worker(s)")
+                     f"{t.num_workers} worker(s), training in {dtype_label(best.dtype)}")
     else:
         lines.append("no worker type fits this config as written; settings that would fit the largest GPU:")
         lines += [f"  - {h}" for h in hints]
     return "\n".join(lines)
+
+
+def _dtype_note(cfg, o: Option, plan: MemoryPlan) -> str:
+    if o.dtype != plan.dtype:
+        return f"; {dtype_label(o.dtype)} (no bf16 on this GPU)"
+    if o.dtype == "bfloat16" and o.gpu in NO_BF16_GPUS:
+        return "; model.dtype is bfloat16, which this GPU lacks: set model.dtype: auto (fp16 with loss scaling)"
+    return ""
 
 
 def _row(label: str, nbytes: int) -> str:

@@ -1,17 +1,22 @@
 """Loading a base model: dtype for the device, safetensors only unless the config allows pickle."""
 from __future__ import annotations
 
+from typing import Optional
+
 from .config import ModelConfig
 
 
-def choose_dtype(model: ModelConfig, on_gpu: bool) -> str:
-    """The compute dtype: bf16 on GPUs that support it, fp32 on CPU (CPU kernels for half types are slow or missing)."""
+def choose_dtype(model: ModelConfig, on_gpu: bool, bf16_supported: Optional[bool] = None) -> str:
+    """The compute dtype: bf16 on GPUs that support it, else fp16 (DeepSpeed then scales the loss, train/ds_config.py);
+    fp32 on CPU (CPU kernels for half types are slow or missing). `bf16_supported`: None asks this process's GPU."""
     if model.dtype != "auto":
         return model.dtype
     if on_gpu:
-        import torch
+        if bf16_supported is None:
+            import torch
 
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            bf16_supported = torch.cuda.is_bf16_supported()
+        return "bfloat16" if bf16_supported else "float16"
     return "float32"
 
 

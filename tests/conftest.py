@@ -85,3 +85,26 @@ def s3_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests need a CUDA GPU; `@pytest.mark.gpu("bitsandbytes", ...)` also those packages (the
+    `gpu` extra). Where either is missing they are skipped with the reason, never run into an import error."""
+    import importlib.util
+
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    for item in gpu_items:
+        missing = [m for m in item.get_closest_marker("gpu").args if importlib.util.find_spec(m) is None]
+        if not cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is visible to this process"))
+        elif missing:
+            item.add_marker(pytest.mark.skip(
+                reason=f"needs {', '.join(missing)} (pip install 'rayft[gpu]'); not installed here"))

@@ -38,7 +38,9 @@ def build_deepspeed_config(train: TrainConfig, dtype: str) -> dict:
         },
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == "bfloat16"},
-        "fp16": {"enabled": dtype == "float16"},
+        # fp16 (GPUs without bf16) needs loss scaling: dynamic, from 2^16, halved on overflow (the step is skipped).
+        "fp16": ({"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                  "hysteresis": 2, "min_loss_scale": 1} if dtype == "float16" else {"enabled": False}),
         "steps_per_print": 1_000_000_000,  # rayft reports metrics itself
         "wall_clock_breakdown": False,
     }

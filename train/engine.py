@@ -1,11 +1,31 @@
 """The DeepSpeed engine over a PEFT LoRA model, as every worker builds it."""
 from __future__ import annotations
 
+import os
+import sys
 from typing import Callable
 
 from rayft.models.config import ModelConfig
 
 from .config import TrainConfig
+
+
+def select_ds_accelerator(use_gpu: bool) -> str:
+    """Point DeepSpeed at the device `train.use_gpu` asks for, before anything imports it in this process.
+
+    DeepSpeed picks its accelerator once per process from DS_ACCELERATOR. The Makefile and the tests export `cpu`
+    and Ray workers inherit the environment, so the setting follows `use_gpu`, never the inherited value. If DeepSpeed
+    already picked the other accelerator in this process, that cannot be undone: say so instead of training there."""
+    name = "cuda" if use_gpu else "cpu"
+    os.environ["DS_ACCELERATOR"] = name
+    chosen = getattr(sys.modules.get("deepspeed.accelerator.real_accelerator"), "ds_accelerator", None)
+    current = getattr(chosen, "_name", None)
+    if current is not None and current != name:
+        raise RuntimeError(
+            f"train.use_gpu is {str(use_gpu).lower()} but DeepSpeed already chose its {current!r} accelerator in this "
+            f"process; start training in a fresh process (a Ray Train worker is one), or set DS_ACCELERATOR={name} "
+            "before DeepSpeed is imported")
+    return name
 
 
 def build_engine(model_cfg: ModelConfig, train: TrainConfig, warmup_steps: int, total_steps: int, device,

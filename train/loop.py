@@ -77,8 +77,14 @@ class StepResult:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    # DeepSpeed picks its accelerator when first imported; a CPU run must say so before anything imports it.
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["train"]["use_gpu"] else "cpu")
+    from .engine import select_ds_accelerator
+
+    # DeepSpeed picks its accelerator once per process: from train.use_gpu, before anything imports it (an inherited
+    # DS_ACCELERATOR=cpu must not win on a GPU run).
+    try:
+        select_ds_accelerator(bool(config["train"]["use_gpu"]))
+    except RuntimeError as e:
+        raise WorkerError(str(e)) from None
     state = setup(config)
     resume(state, required=bool(config.get("require_resume")))
     if state.eval_rows is not None and state.start_step == 0:  # a resumed run has it from its checkpoint

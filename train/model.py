@@ -15,10 +15,29 @@ class QuantizationUnavailable(ValueError):
     """QLoRA was asked for where bitsandbytes cannot run."""
 
 
+def qlora_zero3_conflict(model: ModelConfig, train: TrainConfig) -> str | None:
+    """Why QLoRA cannot run under ZeRO-3 as configured (None when it can), naming the fields and the fix.
+
+    ZeRO-3 partitions parameters as they are created (deepspeed.zero.Init), and bitsandbytes creates its 4-bit or 8-bit
+    weights afterwards in a storage dtype of its own; transformers therefore loads a quantized model whole on every
+    rank, and DeepSpeed would then partition uint8-packed weights it cannot gather back into a 4-bit layer. rayft
+    does not configure that path (a matching bnb_4bit_quant_storage dtype), so it refuses it."""
+    if model.quantization == "none" or train.deepspeed.zero_stage != 3:
+        return None
+    return (f"model.quantization: {model.quantization!r} (QLoRA) with train.deepspeed.zero_stage: 3 is not supported: "
+            "ZeRO-3 partitions weights as they are created and a bitsandbytes-quantized base cannot be partitioned "
+            "that way, so every rank would load it whole anyway. Use train.deepspeed.zero_stage: 2 with QLoRA (the "
+            "quantized base is small enough to replicate), or model.quantization: none with zero_stage: 3 (and "
+            "train.deepspeed.offload_params: true if memory is short)")
+
+
 def check_quantization(model: ModelConfig, train: TrainConfig) -> None:
     """Refuse QLoRA where it cannot work, saying why and what to use instead."""
     if model.quantization == "none":
         return
+    conflict = qlora_zero3_conflict(model, train)
+    if conflict:
+        raise QuantizationUnavailable(conflict)
     why = None
     if not train.use_gpu:
         why = "train.use_gpu is false"

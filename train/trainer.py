@@ -246,11 +246,15 @@ def open_tracking(run: FitRun, cfg, report: dict, log: Callable[[str], None], *,
     log(f"MLflow run {run_id} at {uri}")
 
 
+def torch_backend(use_gpu: bool) -> str:
+    return "nccl" if use_gpu else "gloo"
+
+
 def build_trainer(run: FitRun, cfg, data: TrainingData, *, resume: bool, callbacks: tuple, progress):
     """The TorchTrainer whose workers run `train_loop_per_worker` over the prepared data."""
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from .loop import train_loop_per_worker
     from .shards import shard_datasets
@@ -272,6 +276,8 @@ def build_trainer(run: FitRun, cfg, data: TrainingData, *, resume: bool, callbac
             "security": cfg.security.model_dump(mode="json"),
             "task_eval": data.task_eval,  # scored at each evaluation step when the search ranks by a task metric
         },
+        # NCCL between GPUs, gloo between CPU workers (said here, not left to Ray's default).
+        torch_config=TorchConfig(backend=torch_backend(train.use_gpu)),
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker,
                                                            **({"GPU": 1} if train.use_gpu else {})}),

@@ -201,3 +201,18 @@ def test_rayft_plan_command(qwen_dir, tmp_path, capsys):
     assert "no such cluster config" in capsys.readouterr().err
     assert main(["plan", str(GPU_EXAMPLE), "--set", f"model.name_or_path={tmp_path}"]) == 2
     assert "model.name_or_path: cannot read the model config" in capsys.readouterr().err
+
+
+def test_plan_says_fp16_with_loss_scaling_on_gpus_without_bf16(qwen_dir, tmp_path):
+    # The shipped cluster.yaml with its 1-GPU A10G type turned into a T4 type (no bf16: training runs in fp16).
+    text = (ROOT / "cluster.yaml").read_text().replace("InstanceType: g5.2xlarge", "InstanceType: g4dn.2xlarge", 1)
+    (tmp_path / "cluster.yaml").write_text(text)
+    result = make_plan(_cfg(qwen_dir, "model.dtype=auto"), tmp_path / "cluster.yaml")
+    by_gpu = {o.gpu: o.dtype for o in result["options"]}
+    assert by_gpu["T4"] == "float16" and by_gpu["A10G"] == "bfloat16" and by_gpu["A100"] == "bfloat16"
+    assert "float16 with dynamic loss scaling (no bf16 on this GPU)" in result["text"]
+    assert "training in bfloat16" in result["text"]
+    assert all(o["dtype"] in ("bfloat16", "float16") for o in plan_json(result)["options"])
+    # The shipped example pins bfloat16: on the T4 the plan says to change that.
+    pinned = make_plan(_cfg(qwen_dir), tmp_path / "cluster.yaml")
+    assert "model.dtype is bfloat16, which this GPU lacks: set model.dtype: auto" in pinned["text"]

@@ -34,8 +34,7 @@ def test_qlora_refused_when_gpu_asked_but_absent():
         check_quantization(ModelConfig(name_or_path="m", quantization="4bit"), TrainConfig(use_gpu=True))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not has_cuda(), reason="QLoRA needs bitsandbytes on a CUDA GPU; this machine has none")
+@pytest.mark.gpu("bitsandbytes")  # skipped without CUDA or bitsandbytes (tests/conftest.py)
 def test_qlora_loads_4bit_on_gpu(tiny_model_dir):
     model = build_peft_model(ModelConfig(name_or_path=tiny_model_dir, quantization="4bit"),
                              TrainConfig(use_gpu=True), "bfloat16", device_map={"": 0})
