@@ -15,6 +15,9 @@ from rayft.data.chat import DEFAULT_CHAT_TEMPLATE
 
 TINY_HEAD_DIM = 64
 SPECIAL_TOKENS = ["<|pad|>", "<|begin_of_text|>", "<|im_start|>", "<|im_end|>"]
+# Tool-call markers of the default chat layout: one token each (as in Qwen2.5 and Hermes tokenizers), and not
+# special, so decoding keeps them and a server's tool-call parser sees them.
+TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 
 
 def _corpus(files: Iterable[str]) -> Iterable[str]:
@@ -55,6 +58,9 @@ def build_tokenizer(corpus_files: list[str], vocab_size: int = 1024):
         pad_token="<|pad|>",
         additional_special_tokens=["<|im_start|>"],
     )
+    from tokenizers import AddedToken
+
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_TOKENS])
     tok.chat_template = DEFAULT_CHAT_TEMPLATE
     return tok
 

@@ -31,7 +31,7 @@ chats.csv -- data row, header excluded (96 data rows: 90 good + 6 bad)
     #29   a message with role "moderator"                     -> unknown_role
     #43   system + user only, no assistant message            -> no_assistant_turn
     #57   two user messages in a row                          -> wrong_turn_order
-    #70   a message with role "tool"                          -> tool_turn
+    #70   a message with role "tool" that answers no call      -> orphan_tool_result
     #84   an assistant message with empty content             -> empty_content
 
 kb.jsonl -- physical line number, blank line included (126 lines: 120 good rows + 5 bad rows + 1 blank)

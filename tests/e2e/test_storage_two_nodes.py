@@ -73,7 +73,7 @@ def mlflow_server(s3_server, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def s3_setup(s3_server, mlflow_server, tiny_model_dir):
-    for name in ("support_qa.json", "chats.csv", "kb.jsonl"):
+    for name in ("support_qa.json", "chats.csv", "kb.jsonl", "tools_openai.jsonl", "tools_sharegpt.json"):
         s3_server.upload(REPO / "examples" / "data" / name, f"s3://{BUCKET}/data/{name}")
     return s3_server
 
@@ -84,8 +84,8 @@ def _config(folder: Path, cluster, s3, mlflow_uri: str, tiny_model_dir: str, nam
     cfg["storage_path"] = f"s3://{BUCKET}/runs"
     cfg["storage"] = {"endpoint_url": s3.endpoint}
     cfg["model"]["name_or_path"] = tiny_model_dir  # a base model on every node's disk (a hub id on a real cluster)
-    for src, file in zip(cfg["data"]["sources"], ("support_qa.json", "chats.csv", "kb.jsonl")):
-        src["path"] = f"s3://{BUCKET}/data/{file}"
+    for src in cfg["data"]["sources"]:
+        src["path"] = f"s3://{BUCKET}/data/{Path(src['path']).name}"
     cfg["data"]["max_seq_length"] = 256
     cfg["ray"] = {"address": cluster.gcs_address}
     cfg["tracking"] = {"tracking_uri": mlflow_uri}

@@ -25,9 +25,12 @@ EXPECTED_COUNTS = {  # source: (read, kept, rejected), from examples/data/README
     "support_qa": (165, 160, 5),
     "chats": (96, 90, 6),
     "kb": (125, 120, 5),  # 126 physical lines, one of them blank
+    "tools_openai": (84, 80, 4),
+    "tools_sharegpt": (63, 60, 3),
 }
 
-# (source, position in the README's terms, reason). support_qa: array element; chats: data row; kb: physical line.
+# (source, position in the README's terms, reason). support_qa, tools_sharegpt: array element; chats: data row;
+# kb, tools_openai: physical line.
 EXPECTED_REJECTS = {
     ("support_qa", 27, "empty_content"),
     ("support_qa", 41, "duplicate"),
@@ -38,20 +41,31 @@ EXPECTED_REJECTS = {
     ("chats", 29, "unknown_role"),
     ("chats", 43, "no_assistant_turn"),
     ("chats", 57, "wrong_turn_order"),
-    ("chats", 70, "tool_turn"),
+    ("chats", 70, "orphan_tool_result"),
     ("chats", 84, "empty_content"),
     ("kb", 18, "unparsable_json"),
     ("kb", 35, "wrong_type"),
     ("kb", 51, "undecodable_text"),
     ("kb", 80, "too_long"),
     ("kb", 97, "duplicate"),
+    ("tools_openai", 11, "bad_tool_arguments"),
+    ("tools_openai", 23, "unknown_tool"),
+    ("tools_openai", 37, "orphan_tool_result"),
+    ("tools_openai", 52, "bad_tool_schema"),
+    ("tools_sharegpt", 8, "bad_tool_arguments"),
+    ("tools_sharegpt", 19, "unknown_tool"),
+    ("tools_sharegpt", 44, "orphan_tool_result"),
 }
 
 PII = {"email": "jane.doe@example.com", "phone": "+1 415-555-0134", "card": "4111 1111 1111 1111", "ipv4": "10.20.30.40"}
 PLACEHOLDERS = {"email": "[EMAIL]", "phone": "[PHONE]", "card": "[CARD]", "ipv4": "[IPV4]"}
 
 
-def sample_config(tiny_model_dir: str, **data_changes) -> dict:
+TOOL_SOURCES = [{"name": "tools_openai", "path": str(DATA / "tools_openai.jsonl")},
+                {"name": "tools_sharegpt", "path": str(DATA / "tools_sharegpt.json")}]
+
+
+def sample_config(tiny_model_dir: str, with_tools: bool = False, **data_changes) -> dict:
     raw = {
         "name": "it-data",
         "model": {"name_or_path": tiny_model_dir},
@@ -67,6 +81,8 @@ def sample_config(tiny_model_dir: str, **data_changes) -> dict:
             "eval_fraction": 0.1,
         },
     }
+    if with_tools:
+        raw["data"]["sources"] += TOOL_SOURCES
     raw["data"].update(data_changes)
     return raw
 
@@ -91,8 +107,8 @@ def source_report(prepared, name):
 
 @pytest.fixture(scope="module")
 def base(ray_local, tiny_model_dir):
-    """The quickstart's data settings: packing on, PII redaction on."""
-    return run_prepare(sample_config(tiny_model_dir))
+    """The quickstart's data settings and sources: packing on, PII redaction on."""
+    return run_prepare(sample_config(tiny_model_dir, with_tools=True))
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +136,7 @@ def test_per_source_counts_match_the_sample_readme(base):
         assert sum(s["rejected_by_reason"].values()) == s["rejected"]
         assert s["train_examples"] + s["eval_examples"] == s["kept"]
     t = base.report["totals"]
-    assert (t["read"], t["kept"], t["rejected"]) == (386, 370, 16)
+    assert (t["read"], t["kept"], t["rejected"]) == (386 + 147, 370 + 140, 16 + 7)
     assert t["duplicates_removed"] == 3
     assert t["train_examples"] + t["eval_examples"] == t["kept"]
 
@@ -161,7 +177,11 @@ def test_reject_positions_and_details(base_rows):
     assert rej[("kb", 96)]["detail"] == "same conversation as kb.jsonl row 22"
     assert re.fullmatch(r"(\d+) tokens > max_seq_length 512, and \1 after dropping the oldest turns", rej[("kb", 79)]["detail"])
     assert rej[("support_qa", 58)]["detail"] == "answer is missing"
-    assert rej[("chats", 29)]["detail"] == "messages[2].role is 'moderator'; expected system, user or assistant"
+    assert rej[("chats", 29)]["detail"] == ("messages[2].role is 'moderator'; expected system, user, assistant or tool "
+                                            "(ShareGPT: human, gpt, function_call, observation)")
+    assert re.match(r"message \d tool_calls\[0\] calls 'get_leave_balanse', which the row's tools do not declare",
+                    rej[("tools_openai", 23)]["detail"])
+    assert rej[("tools_sharegpt", 44)]["detail"].startswith("message 1 is a tool result, but no assistant tool call")
     assert rej[("kb", 51)]["detail"] == "the line is not valid UTF-8"
     assert "\\xff\\xfe" in rej[("kb", 51)]["raw"], "the raw row shows the bad bytes"
     assert rej[("support_qa", 27)]["file"] == str(DATA / "support_qa.json")
@@ -202,7 +222,7 @@ def test_packed_rows_keep_examples_apart(base, base_rows):
 
 
 def test_same_config_twice_gives_identical_rows(base, base_rows, tiny_model_dir):
-    again = run_prepare(sample_config(tiny_model_dir))
+    again = run_prepare(sample_config(tiny_model_dir, with_tools=True))
     assert rows_of(again.train) == base_rows["train"]
     assert rows_of(again.eval) == base_rows["eval"]
     strip = lambda rep: {k: v for k, v in rep.items() if k != "seconds"}  # noqa: E731
@@ -321,7 +341,7 @@ def test_cli_data_prepare_writes_parquet_rejects_and_report(tmp_path, tiny_model
     out = tmp_path / "prepared"
     r = _cli("data", "prepare", "examples/quickstart.yaml", "--out", out, "--set", f"model.name_or_path={tiny_model_dir}", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "TOTAL" in r.stdout and "rejected in kb:" in r.stdout
+    assert "TOTAL" in r.stdout and "rejected in kb:" in r.stdout and "rejected in tools_sharegpt:" in r.stdout
     assert "padding waste" in r.stdout
 
     report = json.loads((out / "report.json").read_text())
@@ -338,7 +358,7 @@ def test_cli_data_prepare_writes_parquet_rejects_and_report(tmp_path, tiny_model
     assert sum(evals["num_examples"].to_pylist()) == report["totals"]["eval_examples"]
 
     lines = (out / "rejects.jsonl").read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 16 == report["outputs"]["rejects_rows"]
+    assert len(lines) == len(EXPECTED_REJECTS) == report["outputs"]["rejects_rows"]  # the quickstart reads all five sources
     rejects = [json.loads(line) for line in lines]
     for rec in rejects:
         assert list(rec) == ["source", "file", "row", "line", "reason", "detail", "raw"]
