@@ -369,11 +369,11 @@ def test_cli_data_prepare_writes_parquet_rejects_and_report(tmp_path, tiny_model
 
 
 def test_cli_data_inspect_marks_trained_spans(tiny_model_dir):
-    r = _cli("data", "inspect", "examples/quickstart.yaml", "-n", "2", "--set", f"model.name_or_path={tiny_model_dir}", timeout=300)
+    r = _cli("data", "inspect", "examples/quickstart.yaml", "-n", "5", "--set", f"model.name_or_path={tiny_model_dir}", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
-    assert out.count("=== ") == 2
-    assert "(2 example(s); trained-on tokens are between [[ and ]])" in out
+    assert out.count("=== ") == 5  # one example of each of the quickstart's five sources
+    assert "(5 example(s); trained-on tokens are between [[ and ]])" in out
     assert "\033[" not in out  # not a terminal: no colour codes
     body = out.rsplit("\n\n(", 1)[0]  # the examples, without the closing legend
     spans = [s.split("]]")[0] for s in body.split("[[")[1:]]
@@ -381,3 +381,11 @@ def test_cli_data_inspect_marks_trained_spans(tiny_model_dir):
     assert spans and all(s.endswith("<|im_end|>\n") for s in spans)
     assert all("<|im_start|>" not in s for s in spans), "role headers are never trained on"
     assert "=== support_qa support_qa.json row 1:" in out
+    # tool-calling rows: the tool list and the tool results are shown, never trained on; the calls are
+    tool_blocks = [b for b in body.split("=== ") if b.startswith(("tools_openai", "tools_sharegpt"))]
+    assert len(tool_blocks) == 2
+    for block in tool_blocks:
+        spans = [s.split("]]")[0] for s in block.split("[[")[1:]]
+        assert any(s.startswith("<tool_call>\n{\"name\": ") for s in spans), block
+        assert "<tools>" in block and "<tool_response>" in block
+        assert not any("<tools>" in s or "<tool_response>" in s for s in spans)
