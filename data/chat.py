@@ -115,10 +115,33 @@ def _tool_block(tools: Sequence[dict]) -> str:
     return TOOLS_PREAMBLE + "<tools>\n" + "\n".join(tool_json(t) for t in tools) + "\n</tools>" + TOOLS_FORMAT
 
 
-def _assistant_body(m: dict) -> str:
+def assistant_text(m: dict) -> str:
+    """An assistant message as the default layout writes it (what the model learns to produce): its content, then
+    one <tool_call> block per call, joined by newlines."""
     parts = [m["content"]] if m.get("content") else []
     parts += [f"{TOOL_CALL_START}\n{call_json(c)}\n{TOOL_CALL_END}" for c in m.get("tool_calls") or ()]
     return "\n".join(parts)
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[Optional[dict]]]:
+    """A model's answer in the default layout -> (the text before the first call, the calls as {name, arguments}).
+
+    A block that is not a JSON object with a string `name` and object `arguments` comes back as None (a malformed
+    call), so a caller can count it; a block left open at the end of the text is read to the end."""
+    head, sep, rest = text.partition(TOOL_CALL_START)
+    if not sep:
+        return text, []
+    calls: list[Optional[dict]] = []
+    for block in (TOOL_CALL_START + rest).split(TOOL_CALL_START)[1:]:
+        body = block.split(TOOL_CALL_END, 1)[0].strip()
+        try:
+            value = json.loads(body)
+        except ValueError:
+            calls.append(None)
+            continue
+        ok = isinstance(value, dict) and isinstance(value.get("name"), str) and isinstance(value.get("arguments", {}), dict)
+        calls.append({"name": value["name"], "arguments": value.get("arguments", {})} if ok else None)
+    return head.rstrip("\n"), calls
 
 
 def _default_text(m: dict) -> str:
@@ -139,7 +162,7 @@ def _default_segments(messages: Sequence[dict], tools: Optional[Sequence[dict]] 
             pending = f"{IM_START}system\n{_tool_block(tools)}{IM_END}\n"
     for m in messages:
         if m["role"] == "assistant":
-            text = _assistant_body(m) + f"{IM_END}\n"
+            text = assistant_text(m) + f"{IM_END}\n"
             if m.get("weight", 1):
                 segs.append((pending + f"{IM_START}assistant\n", False))
                 segs.append((text, True))

@@ -16,8 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from rayft.data.config import SourceConfig
 
-MetricName = Literal["exact_match", "token_f1", "rouge_l", "json_valid", "json_schema"]
-METRIC_NAMES: tuple[str, ...] = ("exact_match", "token_f1", "rouge_l", "json_valid", "json_schema")
+MetricName = Literal["exact_match", "token_f1", "rouge_l", "json_valid", "json_schema", "tool_name_match",
+                     "tool_args_match"]
+METRIC_NAMES: tuple[str, ...] = ("exact_match", "token_f1", "rouge_l", "json_valid", "json_schema", "tool_name_match",
+                                 "tool_args_match")
 
 
 class _Section(BaseModel):
@@ -41,13 +43,16 @@ class EvalConfig(_Section):
     sources: list[SourceConfig] = Field(
         default_factory=list,
         description="The golden set: any source the data pipeline reads (same fields as data.sources). Empty: the "
-        "run's eval split. The last assistant turn of each conversation is the reference answer; the turns "
-        "before it are the prompt.")
+        "run's eval split. The last assistant turn of each conversation is the reference answer (in a tool-calling "
+        "row, the first assistant turn that calls tools: its calls are the reference); the turns before it, and the "
+        "row's tools, are the prompt.")
     metrics: list[MetricName] = Field(
         default_factory=lambda: ["exact_match", "token_f1", "rouge_l"], min_length=1,
         description="`exact_match` and `token_f1` (after lower-casing and removing punctuation and articles), "
         "`rouge_l` (F-measure of the longest common token subsequence), `json_valid` (the answer parses as JSON), "
-        "`json_schema` (it parses and validates against `json_schema`).")
+        "`json_schema` (it parses and validates against `json_schema`), `tool_name_match` (the answer calls the same "
+        "functions as the reference, or none when it calls none) and `tool_args_match` (same functions with equal "
+        "argument JSON, in any order); the tool metrics read the default chat layout's <tool_call> blocks.")
     json_schema: Optional[Union[str, dict[str, Any]]] = Field(
         default=None, description="For the `json_schema` metric: a JSON Schema, inline or the path of a .json file.")
     max_new_tokens: int = Field(default=64, ge=1, le=4096, description="Longest generated answer, in tokens.")

@@ -14,11 +14,14 @@ def stop_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-def prompt_texts(prompts: Sequence[list[dict]], tokenizer, chat_template: Optional[str] = None) -> list[str]:
-    """Each prompt's messages as the text the model continues (the chat template with the generation prompt)."""
+def prompt_texts(prompts: Sequence[list[dict]], tokenizer, chat_template: Optional[str] = None,
+                 tools: Optional[Sequence[Optional[list[dict]]]] = None) -> list[str]:
+    """Each prompt's messages as the text the model continues (the chat template with the generation prompt);
+    `tools[i]` are the tools of prompt i (rendered into it, as in training)."""
     from rayft.data.chat import render_prompt
 
-    return [render_prompt(messages, tokenizer, chat_template) for messages in prompts]
+    tools = tools or [None] * len(prompts)
+    return [render_prompt(messages, tokenizer, chat_template, t or None) for messages, t in zip(prompts, tools)]
 
 
 def generate_answers(model, tokenizer, texts: Sequence[str], max_new_tokens: int, batch_size: int,

@@ -90,6 +90,10 @@ def load_golden(data: DataConfig, sources: Optional[list] = None, log: Callable[
                     continue
                 content = messages[last]["content"]
                 reference = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+                if messages[last].get("tool_calls"):
+                    from rayft.data.chat import assistant_text
+
+                    reference = assistant_text(messages[last])  # its text and its <tool_call> blocks
                 calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
                          for c in messages[last].get("tool_calls") or ()]
                 examples.append(GoldenExample(f"{p.name}:{row}", messages[:last], reference, tools or [], calls))

@@ -21,7 +21,8 @@ def build_payload(examples: Sequence[GoldenExample], metric: str, cfg: EvalConfi
     """What a worker needs to score `metric` on `examples`: prompt texts, references, generation settings."""
     from .generate import prompt_texts
 
-    return {"metric": metric, "texts": prompt_texts([e.prompt for e in examples], tokenizer, chat_template),
+    return {"metric": metric, "texts": prompt_texts([e.prompt for e in examples], tokenizer, chat_template,
+                         [e.tools for e in examples]),
             "references": [e.reference for e in examples], "ids": [e.id for e in examples],
             "tokenizer": tokenizer_spec, "max_new_tokens": cfg.search_max_new_tokens, "batch_size": cfg.batch_size,
             "schema": cfg.resolved_schema() if metric == "json_schema" else None}

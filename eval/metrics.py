@@ -1,7 +1,9 @@
 """Task metrics: each scores one answer against its reference in [0, 1]; a run's aggregate is the mean.
 
 Text metrics compare normalised words (lower case, punctuation and the articles a/an/the removed, whitespace
-collapsed), as SQuAD's evaluation does, so "The answer." and "answer" are an exact match.
+collapsed), as SQuAD's evaluation does, so "The answer." and "answer" are an exact match. Tool metrics read the
+<tool_call> blocks of the default chat layout (data.chat.parse_tool_calls) in the answer and in the reference
+(a golden example whose reference turn calls tools has those calls as its reference text); a malformed call scores 0.
 """
 from __future__ import annotations
 
@@ -94,8 +96,32 @@ def schema_matcher(schema: Optional[dict]) -> Callable[[str, str], float]:
     return json_schema
 
 
+def _calls(text: str) -> list:
+    from rayft.data.chat import parse_tool_calls
+
+    return parse_tool_calls(text)[1]
+
+
+def tool_name_match(prediction: str, reference: str) -> float:
+    """1 when the answer calls the same functions as the reference (as a multiset; no call when it makes none)."""
+    pred, ref = _calls(prediction), _calls(reference)
+    if None in pred:
+        return 0.0
+    return float(Counter(c["name"] for c in pred) == Counter(c["name"] for c in ref))
+
+
+def tool_args_match(prediction: str, reference: str) -> float:
+    """1 when the answer's calls equal the reference's: same names with equal argument JSON, in any order."""
+    pred, ref = _calls(prediction), _calls(reference)
+    if None in pred:
+        return 0.0
+    key = lambda c: json.dumps(c, sort_keys=True, ensure_ascii=False)  # noqa: E731
+    return float(Counter(map(key, pred)) == Counter(map(key, ref)))
+
+
 TEXT_METRICS: dict[str, Callable[[str, str], float]] = {
-    "exact_match": exact_match, "token_f1": token_f1, "rouge_l": rouge_l, "json_valid": json_valid}
+    "exact_match": exact_match, "token_f1": token_f1, "rouge_l": rouge_l, "json_valid": json_valid,
+    "tool_name_match": tool_name_match, "tool_args_match": tool_args_match}
 
 
 def scorers(names: list[str], schema: Optional[dict] = None) -> dict[str, Callable[[str, str], float]]:

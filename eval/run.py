@@ -47,7 +47,8 @@ def evaluate_examples(model, tokenizer, examples: Sequence[GoldenExample], cfg: 
     names = list(metrics or cfg.metrics)
     fns = scorers(names, cfg.resolved_schema() if "json_schema" in names else None)
     t0 = time.perf_counter()
-    texts = prompt_texts([e.prompt for e in examples], tokenizer, chat_template)
+    texts = prompt_texts([e.prompt for e in examples], tokenizer, chat_template,
+                         [e.tools for e in examples])
     answers = generate_answers(model, tokenizer, texts, cfg.max_new_tokens, cfg.batch_size,
                                max_prompt_tokens=_prompt_budget(model, cfg.max_new_tokens))
     rows = [{"id": e.id, "prompt": e.prompt, "reference": e.reference, "prediction": a,

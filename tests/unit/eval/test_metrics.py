@@ -62,3 +62,45 @@ def test_manifest_name_is_the_security_packages():
     from rayft.security.artifacts import MANIFEST as SECURITY_MANIFEST
 
     assert MANIFEST == SECURITY_MANIFEST
+
+
+CALL_OSLO = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}\n</tool_call>'
+CALL_ROME = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+
+
+def test_tool_call_metrics_compare_names_and_argument_json():
+    from rayft.eval.metrics import tool_args_match, tool_name_match
+
+    same_order_swapped = '<tool_call>\n{"arguments": {"unit": "c", "city": "Oslo"}, "name": "get_weather"}\n</tool_call>'
+    assert tool_name_match(same_order_swapped, CALL_OSLO) == tool_args_match(same_order_swapped, CALL_OSLO) == 1.0
+    assert tool_name_match(CALL_ROME, CALL_OSLO) == 1.0 and tool_args_match(CALL_ROME, CALL_OSLO) == 0.0
+    both, swapped = CALL_OSLO + "\n" + CALL_ROME, CALL_ROME + "\n" + CALL_OSLO
+    assert tool_args_match(swapped, both) == 1.0  # parallel calls in any order
+    assert tool_name_match(CALL_OSLO, both) == 0.0  # one call of two is not a match
+    assert tool_name_match("It is sunny.", CALL_OSLO) == 0.0  # no call where one was due
+    assert tool_name_match(CALL_OSLO, "It is sunny.") == 0.0  # a call where none was due
+    assert tool_name_match("It is sunny.", "Sunny in Oslo.") == tool_args_match("It is sunny.", "Sunny.") == 1.0
+    broken = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Os\n</tool_call>'
+    assert tool_name_match(broken, CALL_OSLO) == tool_args_match(broken, CALL_OSLO) == 0.0
+    unclosed = 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}'
+    assert tool_args_match(unclosed, CALL_OSLO) == 1.0  # generation stopped at the end-of-turn token
+
+
+def test_the_golden_set_of_tool_rows_has_the_calls_as_reference_and_the_tools_in_the_prompt(tmp_path, tiny_tokenizer,
+                                                                                           repo_root):
+    from rayft.data.config import DataConfig, SourceConfig
+    from rayft.eval.generate import prompt_texts
+    from rayft.eval.golden import load_golden
+    from rayft.eval.metrics import tool_args_match
+
+    data = DataConfig(sources=[{"name": "s", "path": str(tmp_path / "none.jsonl")}])
+    gold = load_golden(data, sources=[SourceConfig(name="tools", path=str(repo_root / "examples/data/tools_openai.jsonl"))],
+                       log=lambda *_: None)
+    assert len(gold.examples) == 80 and len(gold.rejected) == 4
+    calling = [e for e in gold.examples if e.reference_calls]
+    assert len(calling) >= 70  # every row but those answered without a tool
+    e = calling[0]
+    assert e.reference.startswith("<tool_call>\n") and e.prompt[-1]["role"] == "user" and e.tools
+    assert tool_args_match(e.reference, e.reference) == 1.0
+    text = prompt_texts([e.prompt], tiny_tokenizer, None, [e.tools])[0]
+    assert "<tools>" in text and text.endswith("<|im_start|>assistant\n")
