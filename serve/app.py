@@ -30,7 +30,16 @@ from ray import serve
 
 from .config import ServeConfig, ServeStartError
 from .gate import DEFAULT_VERSION, VERSION_HEADER, Gate, load_keys, served_name
-from .schemas import APIError, ChatRequest, CompletionRequest, openai_app, openapi_request_body, parse_request
+from .schemas import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    NamedToolChoice,
+    openai_app,
+    openapi_request_body,
+    parse_request,
+)
+from .tools import ToolCallStream, answer_message, call_deltas, finish_reason
 
 log = logging.getLogger("rayft.serve")
 
@@ -234,9 +243,12 @@ class OpenAIServer:
         def done(status: int, n: int) -> None:
             self.gate.finish(who, rid, path, req.model, version, adapter, status, p, n, started)
 
+        tools = chat and req.tools_active  # the output is parsed for tool calls
+        parallel = not chat or req.parallel_tool_calls is not False
         if req.stream:
-            return StreamingResponse(self._sse(job, task, rid, req.model, chat, include_usage, done), headers=headers,
-                                     media_type="text/event-stream")
+            return StreamingResponse(self._sse(job, task, rid, req.model, chat, include_usage, done,
+                                               ToolCallStream() if tools else None, parallel),
+                                     headers=headers, media_type="text/event-stream")
         try:
             text, n, finish = await self._collect(job, rid)
         except APIError as e:
@@ -246,8 +258,10 @@ class OpenAIServer:
             gen.cancel.set()  # a no-op when done; stops the row when the client went away mid-answer
         done(200, n)
         usage = {"prompt_tokens": len(gen.prompt_ids), "completion_tokens": n, "total_tokens": len(gen.prompt_ids) + n}
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                   "logprobs": None} if chat else
+        message = {"role": "assistant", "content": text}
+        if tools:
+            message, finish = answer_message(text, finish, parallel)
+        choice = ({"index": 0, "message": message, "finish_reason": finish, "logprobs": None} if chat else
                   {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                              "created": int(time.time()), "model": req.model, "choices": [choice], "usage": usage},
@@ -268,13 +282,18 @@ class OpenAIServer:
         self.metrics.tokens(n, job.version, job.req.adapter)
         return text, n, finish or "stop"
 
-    async def _sse(self, job: _Job, task, rid: str, model: str, chat: bool, include_usage: bool, done=None):
+    async def _sse(self, job: _Job, task, rid: str, model: str, chat: bool, include_usage: bool, done=None,
+                   tools: Optional[ToolCallStream] = None, parallel: bool = True):
+        """Server-sent events of one answer. With `tools`, content stops where a tool call begins (a possible marker
+        is held back), and the calls follow as one `tool_calls` delta when the answer is complete."""
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(text: Optional[str], finish: Optional[str], role: bool = False) -> str:
+        def chunk(text: Optional[str], finish: Optional[str], role: bool = False, calls=None) -> str:
             if chat:
                 delta: dict = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+                if calls:
+                    delta = {"tool_calls": call_deltas(calls)}
                 choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
             else:
                 choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
@@ -303,12 +322,21 @@ class OpenAIServer:
                     yield "data: " + json.dumps(err.body()) + "\n\n"
                     break
                 n = item.completion_tokens
+                text = tools.feed(item.text) if tools is not None else item.text
                 if item.finish_reason:
-                    if item.text:
-                        yield chunk(item.text, None)
-                    yield chunk(None if chat else "", item.finish_reason)
-                elif item.text:
-                    yield chunk(item.text, None)
+                    finish, calls = item.finish_reason, []
+                    if tools is not None:
+                        rest, calls = tools.finish()
+                        text += rest
+                        calls = calls if parallel else calls[:1]
+                        finish = finish_reason(calls, finish)
+                    if text:
+                        yield chunk(text, None)
+                    if calls:
+                        yield chunk(None, None, calls=calls)
+                    yield chunk(None if chat else "", finish)
+                elif text:
+                    yield chunk(text, None)
                     if self.cfg.stream_interval_s:
                         await asyncio.sleep(self.cfg.stream_interval_s)  # let tokens gather into the next event
             if include_usage:
@@ -337,15 +365,7 @@ class OpenAIServer:
         engine = self.engines[version]
         tok = engine.tokenizer
         if chat:
-            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-            if not getattr(tok, "chat_template", None):
-                raise APIError(400, f"messages: model {req.model!r} has no chat template, so a chat cannot be rendered "
-                               "for it; send a prompt to /v1/completions instead, or serve a tokenizer with a chat "
-                               "template (rayft exports carry the one they were trained with)", param="messages")
-            try:
-                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            except Exception as e:  # noqa: BLE001 - a template that cannot render these messages
-                raise APIError(400, f"messages: the chat template cannot render them ({e})", param="messages") from None
+            text = render_chat(req, tok, self.cfg.tool_call_parser is not None)
             field_name = "messages"
         else:
             text, field_name = req.prompt, "prompt"
@@ -374,6 +394,48 @@ class OpenAIServer:
                                code="context_length_exceeded")
         return GenRequest(ids, max_tokens, req.temperature, req.top_p, list(req.stop or []), req.seed, adapter,
                           cancel=threading.Event())
+
+
+def render_chat(req: ChatRequest, tok, tool_calling: bool = True) -> str:
+    """The prompt for a chat request: the tokenizer's chat template over the messages (with their tool calls and tool
+    results) and, unless tool_choice is "none", the tools (`apply_chat_template(..., tools=...)`). `tool_calling`
+    false (serve.tool_call_parser: null) refuses requests that would need the output read for calls."""
+    if not getattr(tok, "chat_template", None):
+        raise APIError(400, f"messages: model {req.model!r} has no chat template, so a chat cannot be rendered "
+                       "for it; send a prompt to /v1/completions instead, or serve a tokenizer with a chat "
+                       "template (rayft exports carry the one they were trained with)", param="messages")
+    if req.tools_active:
+        if not tool_calling:
+            raise APIError(400, "tools: tool calling is off on this server (serve.tool_call_parser: null); send "
+                           "tool_choice 'none' to show the model the conversation without tools, or leave tools out",
+                           param="tools")
+        choice = req.tool_choice
+        if choice == "required" or isinstance(choice, NamedToolChoice):
+            what = "'required'" if choice == "required" else f"a named function ({choice.function.name!r})"
+            raise APIError(400, f"tool_choice: {what} forces a call, which needs guided decoding; the hf engine does "
+                           f"not have it. Send tool_choice 'auto' (the model decides whether to call) or serve on the "
+                           f"vllm engine (serve.engine: vllm), which enforces it", param="tool_choice",
+                           code="unsupported_value")
+        if "tools" not in tok.chat_template:
+            raise APIError(400, f"tools: the chat template of model {req.model!r} does not render tools, so the model "
+                           f"would never see them; serve a tokenizer whose template takes `tools` (rayft's default "
+                           f"template does), or leave tools out", param="tools")
+    messages = []
+    for m in req.messages:
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.tool_calls:
+            # Templates read the arguments as an object (transformers' convention); the request carries JSON text.
+            msg["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": json.loads(c.function.arguments)}}
+                                 for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        messages.append(msg)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools_active else None
+    try:
+        return tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - a template that cannot render these messages
+        raise APIError(400, f"messages: the chat template cannot render them ({e})", param="messages") from None
 
 
 def build_app(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = None, security=None, log=print):
@@ -435,9 +497,10 @@ def check_sources(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str]
     if cfg.resolved_engine(log) != "vllm":
         return
     from .adapters import find_adapters
-    from .llm import check_engine_kwargs
+    from .llm import check_engine_kwargs, check_tool_call_parser
 
     check_engine_kwargs(cfg.engine_kwargs)
+    check_tool_call_parser(cfg.engine_kwargs.get("tool_call_parser", cfg.tool_call_parser))
     for name, uri in find_adapters(cfg.adapters, cfg.adapters_dir).items():
         rank = adapter_rank(resolve(uri, tracking_uri), security)
         if rank is not None and rank > cfg.max_lora_rank:

