@@ -150,7 +150,29 @@ class LocalCluster:
         worker = [RAY, "start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
                   "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", str(self.temp_dirs[1]),
                   "--disable-usage-stats", *node_ports(ports[29:55])]
+        self._worker_cmd, self._node_env = worker, node_env
         self._start(worker, node_env)
+        self._wait_for_nodes(2)
+
+    def worker_node_pids(self) -> set[int]:
+        """The worker node's processes: its raylet and agents (by its temp dir) and every process they started."""
+        pids = _pids_with(str(self.temp_dirs[1]))
+        return pids | _children_of(pids)
+
+    def lose_worker_node(self) -> None:
+        """Node loss: every process of the worker node SIGKILLed at once, as when a machine disappears."""
+        pids = self.worker_node_pids()
+        assert pids, "the worker node has no processes"
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.2)
+
+    def restore_worker_node(self) -> None:
+        """A fresh worker node with the same ports and temp dir (after `lose_worker_node`)."""
+        self._start(self._worker_cmd, self._node_env)
         self._wait_for_nodes(2)
 
     def _start(self, cmd, env) -> None:

@@ -83,6 +83,11 @@ class TrainConfig(_Section):
     num_workers: int = Field(default=1, ge=1, description="Ray Train workers (one DeepSpeed rank each).")
     use_gpu: bool = Field(default=False, description="One GPU per worker; off: CPU workers with the gloo backend.")
     cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs reserved for each worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK",
+        description="How Ray places the workers (Ray Train's `ScalingConfig.placement_strategy`): `PACK` fills few "
+        "nodes, `SPREAD` puts workers on different nodes when it can (a lost node then takes fewer workers; after a "
+        "node loss the restarted group may pack onto the nodes left), `STRICT_*` refuse to start otherwise.")
     micro_batch_size: int = Field(default=4, ge=1, description="Rows per worker per forward pass.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro batches per optimizer step.")
     global_batch_size: Optional[int] = Field(

@@ -280,7 +280,8 @@ def build_trainer(run: FitRun, cfg, data: TrainingData, *, resume: bool, callbac
         torch_config=TorchConfig(backend=torch_backend(train.use_gpu)),
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker,
-                                                           **({"GPU": 1} if train.use_gpu else {})}),
+                                                           **({"GPU": 1} if train.use_gpu else {})},
+                                     placement_strategy=train.placement_strategy),
         run_config=RunConfig(
             name=run.name, storage_path=storage_path, storage_filesystem=storage_fs, callbacks=list(callbacks),
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_best_checkpoints,
@@ -302,7 +303,7 @@ def run_trainer(run: FitRun, cfg, data: TrainingData, *, resume: bool, callbacks
     import ray
     from ray.util.queue import Queue
 
-    progress = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+    progress = Queue(maxsize=1000, actor_options=driver_local_actor())
     printer = ProgressPrinter(progress, log)
     printer.start()
     trainer = build_trainer(run, cfg, data, resume=resume, callbacks=callbacks, progress=progress)
@@ -424,6 +425,16 @@ def read_run_file(run_dir: str) -> dict:
     if not storage.is_file(path):
         raise TrainingError(f"{run_dir} is not a rayft run folder ({RUN_FILE} is missing); give <storage_path>/<name>")
     return json.loads(storage.read_text(path))
+
+
+def driver_local_actor() -> dict:
+    """Actor options for a helper of the driver (the progress queue): no CPU, on the driver's own node, so losing
+    a worker node takes the workers it ran, never the driver's view of the run."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+        node_id=ray.get_runtime_context().get_node_id(), soft=True)}
 
 
 class ProgressPrinter:

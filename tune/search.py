@@ -174,9 +174,9 @@ def run_search(cfg, resume: bool = False, log: Callable[[str], None] = print) ->
                  if tcfg.asha.enabled else FIFOScheduler())
     from ray.util.queue import Queue
 
-    from rayft.train.trainer import ProgressPrinter
+    from rayft.train.trainer import ProgressPrinter, driver_local_actor
 
-    log_queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+    log_queue = Queue(maxsize=1000, actor_options=driver_local_actor())
     printer = ProgressPrinter(log_queue, log)
     trainable = tune.with_resources(
         tune.with_parameters(_trial_driver, cfg=cfg, data=data, search_dir=search_dir, parent_run=parent,

@@ -8,6 +8,8 @@ can depend on the driver's local disk:
 2. `rayft serve --model models:/NAME@champion` fetches that version from S3 and answers.
 3. `rayft train` with a Ray Train worker killed mid-run: the run continues from its S3 checkpoint and finishes;
    then the latest checkpoint in the bucket is damaged and `rayft train --resume` falls back to the previous one.
+4. Node loss: the worker node (raylet, agents, its Ray Train worker) is killed mid-run; the run goes on with the
+   same number of workers on the head, from its last S3 checkpoint.
 The endpoint reaches every process through `storage.endpoint_url` in the config; the keys only through each
 process's environment (never the config, logs or MLflow params, which the test checks).
 """
@@ -68,7 +70,11 @@ def mlflow_server(s3_server, tmp_path_factory):
         raise AssertionError(f"mlflow server did not start: {(root / 'server.log').read_text()[-3000:]}")
     yield uri
     os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # a loaded machine: its workers did not stop in time
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -158,16 +164,7 @@ def test_pipeline_on_s3_then_serve_from_the_registry(cluster, s3_setup, mlflow_s
 
 
 def _train_workers(cluster) -> list[int]:
-    pids = _children_of(cluster.node_pids())
-    found = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"RayTrainWorker" in f.read():
-                    found.append(pid)
-        except OSError:
-            continue
-    return found
+    return _train_workers_among(_children_of(cluster.node_pids()))
 
 
 def test_worker_kill_resumes_from_s3_and_damaged_latest_falls_back(cluster, s3_setup, mlflow_server, tiny_model_dir,
@@ -207,3 +204,53 @@ def test_worker_kill_resumes_from_s3_and_damaged_latest_falls_back(cluster, s3_s
     out = _rayft(["train", cfg_path, "--resume"], work, env)
     assert "checkpoint_step00000008" in out and "not usable" in out, out[-4000:]
     assert "resumed from checkpoint_step00000006" in out, out[-4000:]
+
+
+def _train_workers_among(pids: set[int]) -> list[int]:
+    found = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"RayTrainWorker" in f.read():
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def test_node_loss_goes_on_with_the_same_workers_on_the_remaining_node(cluster, s3_setup, mlflow_server,
+                                                                      tiny_model_dir, tmp_path):
+    """The worker node disappears mid-run (every process of it SIGKILLed). Ray Train restarts the worker group on
+    the head (2 workers of half a CPU fit there) from the last checkpoint in the bucket, and the run finishes. The
+    shards are cut from the rows and the worker count alone (train/shards.py), so each rank reads the same rows as
+    before the loss."""
+    s3, env = s3_setup, _env(cluster)
+    work = _scratch(tmp_path, "nodeloss")
+    cfg_path = _config(work, cluster, s3, mlflow_server, tiny_model_dir, "nodeloss", max_steps=8, max_failures=2,
+                       keep_best_checkpoints=10, placement_strategy="SPREAD")
+    log = open(work / "train.log", "w")
+    proc = subprocess.Popen([RAYFT, "train", str(cfg_path)], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    prefix = f"s3://{BUCKET}/runs/nodeloss"
+    lost, on_worker = False, []
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None and not lost:
+            if any("checkpoint_step00000004/state.json" in f for f in s3.list(prefix)):
+                on_worker = _train_workers_among(cluster.worker_node_pids())
+                assert on_worker, "SPREAD placed no Ray Train worker on the worker node"
+                cluster.lose_worker_node()
+                lost = True
+            time.sleep(0.5)
+        assert proc.wait(timeout=900) == 0, (work / "train.log").read_text()[-5000:]
+        text = (work / "train.log").read_text()
+        assert lost, "the run finished before the node could be lost:\n" + text[-3000:]
+        assert "resumed from checkpoint_step" in text and "resumed from checkpoint_step00000000" not in text, text[-5000:]
+        run = json.loads(s3.filesystem().open_input_stream(f"{BUCKET}/runs/nodeloss/rayft_run.json").read())
+        assert run["status"] == "finished" and run["metrics"]["global_step"] == 8, run
+        assert run["config"]["train"]["num_workers"] == 2
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if lost:
+            cluster.restore_worker_node()  # the module's other tests get their two nodes back
