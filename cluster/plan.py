@@ -196,6 +196,7 @@ class MemoryPlan:
     cpu_offloaded: int          # bytes per worker moved to CPU memory by offload settings
     tokens_per_micro_batch: int
     tokens_per_step: int
+    device: str = "gpu"         # "cpu": host memory of a CPU worker, where offloaded bytes stay in the same memory
 
     @property
     def model_states(self) -> int:
@@ -207,7 +208,8 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.model_states + self.activations + self.overhead
+        on_host = self.cpu_offloaded if self.device == "cpu" else 0
+        return self.model_states + self.activations + self.overhead + on_host
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -233,8 +235,14 @@ def dtype_label(dtype: str) -> str:
 
 def estimate_memory(cfg, shape: ModelShape, num_gpus: Optional[int] = None, micro_batch_size: Optional[int] = None,
                     gradient_checkpointing: Optional[bool] = None, zero_stage: Optional[int] = None,
-                    offload_optimizer: Optional[bool] = None, offload_params: Optional[bool] = None) -> MemoryPlan:
-    """Per-GPU memory of `cfg` (any setting can be overridden to compare alternatives)."""
+                    offload_optimizer: Optional[bool] = None, offload_params: Optional[bool] = None,
+                    device: Optional[str] = None) -> MemoryPlan:
+    """Per-GPU memory of `cfg` (any setting can be overridden to compare alternatives). `device="cpu"` plans the host
+    memory of a CPU worker instead (the default when train.use_gpu is false): what the model, the engine and
+    training add to the worker's own resident memory."""
+    if device not in (None, "gpu", "cpu"):
+        raise PlanError(f"--device {device!r}: choose gpu or cpu")
+    device = device or ("gpu" if cfg.train.use_gpu else "cpu")
     t, ds = cfg.train, cfg.train.deepspeed
     n = num_gpus or t.num_workers
     b = micro_batch_size or t.micro_batch_size
@@ -251,7 +259,11 @@ def estimate_memory(cfg, shape: ModelShape, num_gpus: Optional[int] = None, micr
     cpu = 0
     gather = 0
     if z == 3:
-        gather = 4 * shape.largest_layer_params
+        # GPU: DeepSpeed's estimator's gather buffer. CPU (measured, benchmarks/memory_plan.py): what rayft lets
+        # ZeRO-3 keep whole (train/engine.py size_zero3_gathering): one decoder layer prefetched or live while the
+        # module computing is whole too.
+        gather = (4 * shape.largest_layer_params if device == "gpu"
+                  else w * (shape.total_params // max(shape.num_layers, 1) + shape.largest_layer_params))
         if off_par:
             frozen, cpu = 0, cpu + frozen_bytes // n
         else:
@@ -299,8 +311,8 @@ def estimate_memory(cfg, shape: ModelShape, num_gpus: Optional[int] = None, micr
         dtype=dtype, num_gpus=n, zero_stage=z, offload_optimizer=off_opt, offload_params=off_par,
         frozen_weights=frozen, gather_buffer=gather, lora_params=params, lora_grads=grads, optimizer_states=opt,
         activations=checkpointed if ckpt else full, activations_checkpointed=checkpointed, activations_full=full,
-        logits=logits, overhead=OVERHEAD_BYTES if t.use_gpu else 0, cpu_offloaded=cpu,
-        tokens_per_micro_batch=tokens_micro, tokens_per_step=tokens_micro * t.accumulation_steps * n,
+        logits=logits, overhead=OVERHEAD_BYTES if device == "gpu" else 0, cpu_offloaded=cpu,
+        tokens_per_micro_batch=tokens_micro, tokens_per_step=tokens_micro * t.accumulation_steps * n, device=device,
     )
 
 

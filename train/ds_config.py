@@ -34,7 +34,10 @@ def build_deepspeed_config(train: TrainConfig, dtype: str) -> dict:
         "gradient_clipping": train.max_grad_norm,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": train.learning_rate, "weight_decay": train.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8},
+            # torch's AdamW, not DeepSpeed's FusedAdam / CPUAdam: those are compiled on first use (minutes, and a
+            # CUDA toolkit on GPUs), and for LoRA's few parameters the optimizer step is not where time goes.
+            "params": {"lr": train.learning_rate, "weight_decay": train.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8,
+                       "torch_adam": True},
         },
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == "bfloat16"},

@@ -28,6 +28,24 @@ def select_ds_accelerator(use_gpu: bool) -> str:
     return name
 
 
+def size_zero3_gathering(ds_config: dict, model) -> None:
+    """How many gathered weights ZeRO-3 keeps live, in decoder layers of this model (a user JSON's values win).
+
+    DeepSpeed's defaults count parameters (up to 1e9 live, reused within 1e9 kept): for a model of a few billion
+    parameters that is the whole model gathered between forward and backward, which is what ZeRO-3 is meant to
+    avoid. One layer prefetched, one layer live beyond the one computing, and a weight reused within one layer
+    (gradient checkpointing's recompute) kept: at most a few layers are ever whole on a rank."""
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", None) if config is not None else None
+    if not layers:
+        return
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    per_layer = max(int(total // layers), 1)
+    zero = ds_config.setdefault("zero_optimization", {})
+    for key in ("stage3_prefetch_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance"):
+        zero.setdefault(key, per_layer)
+
+
 def build_engine(model_cfg: ModelConfig, train: TrainConfig, warmup_steps: int, total_steps: int, device,
                  log: Callable[[str], None] = print, security=None):
     """Base model + LoRA + AdamW + warmup/decay schedule in a DeepSpeed engine (ZeRO stage from the config); the
@@ -51,6 +69,8 @@ def build_engine(model_cfg: ModelConfig, train: TrainConfig, warmup_steps: int, 
     model = build_peft_model(
         model_cfg, train, dtype, log=log, device_map={"": device} if model_cfg.quantization != "none" else None,
         security=security, zero3_config=ds_config if train.deepspeed.zero_stage == 3 else None)
+    if train.deepspeed.zero_stage == 3:
+        size_zero3_gathering(ds_config, model)
     schedule = lr_lambda(train.lr_schedule, warmup_steps, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
