@@ -11,6 +11,11 @@ Per fault it prints: what was injected, whether the system recovered, the time t
                        root); the run must stop with an error naming the path, then `--resume` continues
     corrupted latest   a file of the latest checkpoint of a finished run is truncated; `--resume` must skip it
                        and continue from the previous intact checkpoint
+    S3 worker kill     on a two-node loopback cluster with every run artifact in a real S3 server (SeaweedFS) and
+                       the sources read from it: one Ray Train worker is SIGKILLed mid-run; the group restarts
+                       from the checkpoint in the bucket
+    S3 node loss       the same, but every process of the worker node (raylet, agents, its workers) is SIGKILLed
+                       at once; the group restarts on the head (workers placed SPREAD, half a CPU each)
     replica kill       the Serve replica process is SIGKILLed under closed-loop load; Serve restarts it
     soak               steady closed-loop load for --soak-s seconds: errors, latency, replica memory growth
 
@@ -277,6 +282,94 @@ def unwritable_storage(args, cfg, data) -> dict:
 # ------------------------------------------------------------------------------------------- serving faults
 
 
+def cluster_faults(args, model_dir: str, work: str) -> list[dict]:
+    """A worker kill and a node loss on a two-node loopback cluster whose runs live in a real S3 server."""
+    from tests.cluster_helpers import _children_of, two_node_cluster
+    from tests.s3_server import S3Server
+
+    s3 = S3Server(Path(work) / "s3")
+    s3.start()
+    rows = []
+    try:
+        bucket = "bench"
+        s3.create_bucket(bucket)
+        names = ["support_qa.json", "chats.csv", "kb.jsonl", "tools_openai.jsonl", "tools_sharegpt.json"]
+        for n in names:
+            s3.upload(REPO / "examples" / "data" / n, f"s3://{bucket}/data/{n}")
+        # Each node reads the keys from its own environment (never from a config or runtime_env): the nodes inherit
+        # this process's.
+        os.environ.update({k: v for k, v in s3.env.items() if k != "AWS_ENDPOINT_URL"})
+        with two_node_cluster("rfb-") as cluster:
+            env = dict(cluster.env, RAY_AUTH_MODE="token", PYTHONUNBUFFERED="1", **s3.env)
+
+            def workers(pids):
+                found = []
+                for pid in pids:
+                    try:
+                        with open(f"/proc/{pid}/cmdline", "rb") as f:
+                            if b"RayTrainWorker" in f.read():
+                                found.append(pid)
+                    except OSError:
+                        continue
+                return found
+
+            def kill_a_worker():
+                victims = workers(_children_of(cluster.node_pids()))
+                if not victims:
+                    return False
+                os.kill(victims[-1], signal.SIGKILL)
+                return True
+
+            def lose_the_node():
+                if not workers(cluster.worker_node_pids()):
+                    return False
+                cluster.lose_worker_node()
+                return True
+
+            for fault, inject, what in (("S3 worker kill", kill_a_worker, "SIGKILL to one Ray Train worker"),
+                                        ("S3 node loss", lose_the_node, "SIGKILL to every process of the worker node")):
+                name = fault.lower().replace(" ", "-")
+                extra = [f"storage_path=s3://{bucket}/runs", f"storage.endpoint_url={s3.endpoint}",
+                         f"ray.address={cluster.gcs_address}", "train.num_workers=2", "train.cpus_per_worker=0.5",
+                         "train.placement_strategy=SPREAD", "train.max_failures=2"]
+                extra += [f"data.sources.{i}.path=s3://{bucket}/data/{n}" for i, n in enumerate(names)]
+                cmd = [RAYFT, "train", "examples/quickstart.yaml"]
+                for o in overrides(args, model_dir, f"s3://{bucket}/runs", name, *extra):
+                    cmd += ["--set", o]
+                progress = Progress()
+                proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        start_new_session=True, env=env)
+                threading.Thread(target=lambda: [progress(line.rstrip()) for line in proc.stdout], daemon=True).start()
+                ckpt = f"s3://{bucket}/runs/{name}/checkpoint_step{args.every:08d}/state.json"
+                try:
+                    ok = wait_for(lambda: progress.last_step() >= args.every + 2 and
+                                  any(ckpt.removeprefix("s3://") == f for f in s3.list(ckpt.rsplit("/", 1)[0])),
+                                  900, poll_s=0.5, alive=lambda: proc.poll() is None)
+                    reached = progress.last_step()
+                    t_fault = time.monotonic()
+                    injected = ok and inject()
+                    code = proc.wait(timeout=1200)
+                finally:
+                    if proc.poll() is None:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                if not injected:
+                    rows.append(row(fault, "no (the run ended first, or no worker on the node)", False, None, None,
+                                    progress.text()[-500:]))
+                    continue
+                resumed = progress.resumed(t_fault)
+                back = progress.passed(reached, t_fault)
+                finished = code == 0 and f"finished {args.steps}/{args.steps}" in progress.text()
+                from_step = resumed[0][2] if resumed else 0
+                rows.append(row(fault, f"{what} at step {reached}", finished and bool(resumed),
+                                back - t_fault if back else None, f"{reached - from_step} steps",
+                                f"resumed at step {from_step} in the same run; checkpoints in S3"))
+                if fault == "S3 node loss":
+                    cluster.restore_worker_node()
+    finally:
+        s3.stop()
+    return rows
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -373,8 +466,9 @@ def main(argv=None) -> int:
     ap.add_argument("--soak-s", type=float, default=None, help="soak duration (default 180, quick 30)")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--only", default="driver,worker,corrupt,storage,serve",
-                    help="comma-separated subset of driver,worker,corrupt,storage,serve")
+    ap.add_argument("--only", default="driver,worker,corrupt,storage,s3,serve",
+                    help="comma-separated subset of driver,worker,corrupt,storage,s3,serve (s3: the S3 worker kill "
+                         "and node loss on a two-node cluster)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
@@ -416,6 +510,9 @@ def main(argv=None) -> int:
             cfg2 = load_config(REPO / "examples" / "quickstart.yaml",
                                overrides(args, model_dir, storage, "unwritable", "train.max_failures=0"))
             rows.append(unwritable_storage(args, cfg2, data))
+    if "s3" in only:
+        print("S3 worker kill and node loss on a two-node cluster ...", flush=True)
+        rows.extend(cluster_faults(args, model_dir, work))
     if "serve" in only:
         print("replica kill and soak ...", flush=True)
         rows.extend(serving_faults(args, model_dir))
