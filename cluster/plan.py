@@ -259,11 +259,10 @@ def estimate_memory(cfg, shape: ModelShape, num_gpus: Optional[int] = None, micr
     cpu = 0
     gather = 0
     if z == 3:
-        # GPU: DeepSpeed's estimator's gather buffer. CPU (measured, benchmarks/memory_plan.py): what rayft lets
-        # ZeRO-3 keep whole (train/engine.py size_zero3_gathering): one decoder layer prefetched or live while the
-        # module computing is whole too.
-        gather = (4 * shape.largest_layer_params if device == "gpu"
-                  else w * (shape.total_params // max(shape.num_layers, 1) + shape.largest_layer_params))
+        # GPU: DeepSpeed's estimator's gather buffer. CPU: what rayft lets ZeRO-3 keep whole there (no prefetch, no
+        # keeping for reuse, train/engine.py size_zero3_gathering): the module computing, and the next one as its
+        # gather starts.
+        gather = 4 * shape.largest_layer_params if device == "gpu" else 2 * w * shape.largest_layer_params
         if off_par:
             frozen, cpu = 0, cpu + frozen_bytes // n
         else:
@@ -404,7 +403,7 @@ def suggestions(cfg, shape: ModelShape, types) -> list[str]:
 def format_plan(cfg, shape: ModelShape, plan: MemoryPlan, options: list[Option], hints: list[str],
                 cluster_path: str) -> str:
     t = cfg.train
-    unit = "GPU" if t.use_gpu else "worker"
+    unit = "GPU" if plan.device == "gpu" else "worker (host memory above the worker's idle baseline)"
     lines = [
         f"model   {cfg.model.name_or_path} ({shape.model_type}, {shape.num_layers} layers, hidden {shape.hidden_size}, "
         f"vocab {shape.vocab_size}): {_count(shape.total_params)} parameters",
@@ -421,7 +420,8 @@ def format_plan(cfg, shape: ModelShape, plan: MemoryPlan, options: list[Option],
         _row("frozen weights", plan.frozen_weights),
     ]
     if plan.gather_buffer:
-        lines.append(_row("ZeRO-3 gather buffer (largest layer)", plan.gather_buffer))
+        lines.append(_row("ZeRO-3 gather buffer (largest layer)" if plan.device == "gpu"
+                          else "ZeRO-3 gathered weights (2 modules)", plan.gather_buffer))
     lines += [
         _row("LoRA parameters", plan.lora_params),
         _row("LoRA gradients", plan.lora_grads),
@@ -433,8 +433,10 @@ def format_plan(cfg, shape: ModelShape, plan: MemoryPlan, options: list[Option],
     ]
     if plan.overhead:
         lines.append(_row("CUDA context and allocator slack", plan.overhead))
+    if plan.cpu_offloaded and plan.device == "cpu":
+        lines.append(_row("offloaded (the same host memory on CPU)", plan.cpu_offloaded))
     lines.append(_row("total", plan.total))
-    if plan.cpu_offloaded:
+    if plan.cpu_offloaded and plan.device == "gpu":
         lines.append(f"  + {plan.cpu_offloaded / GiB:.2f} GiB of CPU memory per worker (offloaded)")
     lines += [
         "",
@@ -442,8 +444,10 @@ def format_plan(cfg, shape: ModelShape, plan: MemoryPlan, options: list[Option],
         f"{t.accumulation_steps} accumulation x {plan.num_gpus} workers"
         f"{'' if cfg.data.packing else '; an upper bound without packing'})",
     ]
-    if not t.use_gpu:
-        lines += ["", "train.use_gpu is false: this runs on CPU workers; the figures are memory per worker process."]
+    if plan.device == "cpu":
+        lines += ["", ("train.use_gpu is false: this runs on CPU workers; " if not t.use_gpu else "--device cpu: ")
+                  + "the figures are host memory each worker process adds to its idle baseline (checked against "
+                  "measured peaks by benchmarks/memory_plan.py)."]
         return "\n".join(lines)
     lines += ["", f"worker types in {cluster_path} (a GPU is full above {int(HEADROOM * 100)}% of its memory):"]
     for o in options:
@@ -487,15 +491,17 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
 
 
-def make_plan(cfg, cluster_path) -> dict:
-    """Everything `rayft plan` prints, as data (for --json and the tests)."""
+def make_plan(cfg, cluster_path, device: Optional[str] = None) -> dict:
+    """Everything `rayft plan` prints, as data (for --json and the tests). `device`: gpu or cpu (host memory of a
+    CPU worker); default from train.use_gpu."""
     from .cluster_yaml import load_cluster_yaml, worker_types
 
     shape = read_model_shape(cfg.model, cfg.train.lora)
-    plan = estimate_memory(cfg, shape)
+    plan = estimate_memory(cfg, shape, device=device)
     types = worker_types(load_cluster_yaml(cluster_path), str(cluster_path))
-    options = rank_options(cfg, plan, types)
-    hints = [] if any(o.fits for o in options) or not cfg.train.use_gpu else suggestions(cfg, shape, types)
+    options = rank_options(cfg, plan, types) if plan.device == "gpu" else []
+    hints = [] if any(o.fits for o in options) or plan.device == "cpu" or not cfg.train.use_gpu \
+        else suggestions(cfg, shape, types)
     return {"shape": shape, "plan": plan, "options": options, "hints": hints,
             "text": format_plan(cfg, shape, plan, options, hints, str(cluster_path))}
 
@@ -519,6 +525,6 @@ def run_plan(args) -> int:
     from .config import load_config
 
     cfg = load_config(args.file, args.set or [])
-    result = make_plan(cfg, args.cluster or DEFAULT_CLUSTER_YAML)
+    result = make_plan(cfg, args.cluster or DEFAULT_CLUSTER_YAML, device=getattr(args, "device", None))
     print(json.dumps(plan_json(result), indent=2) if args.json else result["text"])
     return 0

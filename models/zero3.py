@@ -1,7 +1,8 @@
 """Loading a base model partitioned under DeepSpeed ZeRO-3: no rank ever holds (or maps) the whole model.
 
-The model is built inside `deepspeed.zero.Init` (transformers does that itself while an `HfDeepSpeedConfig` with
-stage 3 is alive), so every parameter is split across the ranks as it is created. The weights are then streamed
+The model is built inside `deepspeed.zero.Init` (an `HfDeepSpeedConfig` with stage 3 stays alive, so transformers
+knows it), so every parameter is split across the ranks as it is created, and without random initialisation
+(every weight is read next). The weights are then streamed
 from the safetensors files one module at a time: the module's parameters are gathered, rank 0 reads exactly their
 bytes from the files (plain reads, no memory map, so the file's pages never count against the process), and
 DeepSpeed re-partitions them, broadcasting rank 0's values. At any moment a rank holds its slice of the model plus
@@ -92,9 +93,8 @@ def load_base_model_zero3(model: ModelConfig, dtype: str, ds_config: dict, allow
     must stay alive as long as the model: transformers finds the ZeRO-3 setting through a weak reference to it
     (generation syncs the ranks, PEFT gathers before it reads a weight). Needs torch.distributed initialised."""
     import deepspeed
-    import torch
     import torch.distributed as dist
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     from transformers.integrations import HfDeepSpeedConfig
 
     from .load import load_base_model
@@ -109,10 +109,7 @@ def load_base_model_zero3(model: ModelConfig, dtype: str, ds_config: dict, allow
         return load_base_model(model, dtype, allow_pickle=allow_pickle), hf_ds
     config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
                                         trust_remote_code=model.trust_remote_code)
-    # Under the live HfDeepSpeedConfig, from_config builds inside deepspeed.zero.Init: partitioned from the start.
-    base = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype),
-                                            attn_implementation=model.attn_implementation,
-                                            trust_remote_code=model.trust_remote_code)
+    base = build_partitioned(config, dtype, model, ds_config)
     index = SafetensorsIndex(files)
     prefix = getattr(base, "base_model_prefix", "") or ""
     tied = _tied_names(base)
@@ -126,6 +123,30 @@ def load_base_model_zero3(model: ModelConfig, dtype: str, ds_config: dict, allow
     stream_weights(base, index, prefix, rank=dist.get_rank())
     base.tie_weights()
     return base, hf_ds
+
+
+def build_partitioned(config, dtype: str, model: ModelConfig, ds_config: dict):
+    """The architecture built inside deepspeed.zero.Init (partitioned from the start), without initialising weights
+    that the checkpoint overwrites next: transformers' own ZeRO-3 `from_config` gathers every module to initialise
+    it on rank 0, minutes of random numbers for a billion parameters on CPU. Where transformers' helpers for that
+    have moved, `from_config` under the live HfDeepSpeedConfig does the same with the initialisation."""
+    import deepspeed
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=getattr(torch, dtype), attn_implementation=model.attn_implementation,
+                  trust_remote_code=model.trust_remote_code)
+    try:
+        from transformers import initialization as hf_init
+        from transformers.integrations.deepspeed import prevent_arange_dtype_change
+        from transformers.modeling_utils import set_zero3_state
+    except ImportError:
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+    # The same contexts transformers enters for ZeRO-3 (the arange guard keeps RoPE's buffers in fp32; the zero3
+    # state tells from_config that zero.Init is already on), with weight initialisation off.
+    with hf_init.no_init_weights(), prevent_arange_dtype_change(), \
+            deepspeed.zero.Init(config_dict_or_path=ds_config), set_zero3_state():
+        return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
 def stream_weights(base, index: SafetensorsIndex, prefix: str, rank: int) -> None:

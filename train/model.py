@@ -93,6 +93,9 @@ def build_peft_model(model_cfg: ModelConfig, train: TrainConfig, dtype: str, log
     peft_model = get_peft_model(base, build_lora_config(train.lora, targets, base.config.model_type))
     trainable, total = count_parameters(peft_model)
     log(f"LoRA on {targets}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+    if train.gradient_checkpointing:
+        log(f"gradient checkpointing: {'on' if base.is_gradient_checkpointing else 'OFF'} "
+            f"({'reentrant, as prepared for k-bit' if model_cfg.quantization != 'none' else 'non-reentrant'})")
     if keep_alive is not None:
         peft_model.rayft_hf_deepspeed_config = keep_alive
     return peft_model

@@ -31,6 +31,9 @@ def add_plan(sub, command) -> None:
     pl = with_file(sub.add_parser("plan", help=command.help))
     pl.add_argument("--cluster", help="cluster launcher config to recommend from (default: the packaged cluster.yaml)")
     pl.add_argument("--json", action="store_true", help="print the figures as JSON")
+    pl.add_argument("--device", choices=("gpu", "cpu"), default=None,
+                    help="plan GPU memory per worker, or a CPU worker's host memory above its idle baseline "
+                    "(default: gpu when train.use_gpu is true, else cpu)")
     pl.set_defaults(fn=cmd_plan)
 
 
