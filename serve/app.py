@@ -58,6 +58,49 @@ def _generation_error(exc: Exception, rid: str, adapter: Optional[str]) -> APIEr
                     code="generation_failed")
 
 
+# Module functions the deployment's methods call are defined above it: Serve serializes the class when it is decorated.
+def render_chat(req: ChatRequest, tok, tool_calling: bool = True) -> str:
+    """The prompt for a chat request: the tokenizer's chat template over the messages (with their tool calls and tool
+    results) and, unless tool_choice is "none", the tools (`apply_chat_template(..., tools=...)`). `tool_calling`
+    false (serve.tool_call_parser: null) refuses requests that would need the output read for calls."""
+    if not getattr(tok, "chat_template", None):
+        raise APIError(400, f"messages: model {req.model!r} has no chat template, so a chat cannot be rendered "
+                       "for it; send a prompt to /v1/completions instead, or serve a tokenizer with a chat "
+                       "template (rayft exports carry the one they were trained with)", param="messages")
+    if req.tools_active:
+        if not tool_calling:
+            raise APIError(400, "tools: tool calling is off on this server (serve.tool_call_parser: null); send "
+                           "tool_choice 'none' to show the model the conversation without tools, or leave tools out",
+                           param="tools")
+        choice = req.tool_choice
+        if choice == "required" or isinstance(choice, NamedToolChoice):
+            what = "'required'" if choice == "required" else f"a named function ({choice.function.name!r})"
+            raise APIError(400, f"tool_choice: {what} forces a call, which needs guided decoding; the hf engine does "
+                           f"not have it. Send tool_choice 'auto' (the model decides whether to call), or serve on the "
+                           f"vllm engine (serve.engine: vllm), which hands it to vLLM's guided decoding", param="tool_choice",
+                           code="unsupported_value")
+        if "tools" not in tok.chat_template:
+            raise APIError(400, f"tools: the chat template of model {req.model!r} does not render tools, so the model "
+                           f"would never see them; serve a tokenizer whose template takes `tools` (rayft's default "
+                           f"template does), or leave tools out", param="tools")
+    messages = []
+    for m in req.messages:
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.tool_calls:
+            # Templates read the arguments as an object (transformers' convention); the request carries JSON text.
+            msg["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": json.loads(c.function.arguments)}}
+                                 for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        messages.append(msg)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools_active else None
+    try:
+        return tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - a template that cannot render these messages
+        raise APIError(400, f"messages: the chat template cannot render them ({e})", param="messages") from None
+
+
 @dataclass
 class _Job:
     version: str
@@ -394,48 +437,6 @@ class OpenAIServer:
                                code="context_length_exceeded")
         return GenRequest(ids, max_tokens, req.temperature, req.top_p, list(req.stop or []), req.seed, adapter,
                           cancel=threading.Event())
-
-
-def render_chat(req: ChatRequest, tok, tool_calling: bool = True) -> str:
-    """The prompt for a chat request: the tokenizer's chat template over the messages (with their tool calls and tool
-    results) and, unless tool_choice is "none", the tools (`apply_chat_template(..., tools=...)`). `tool_calling`
-    false (serve.tool_call_parser: null) refuses requests that would need the output read for calls."""
-    if not getattr(tok, "chat_template", None):
-        raise APIError(400, f"messages: model {req.model!r} has no chat template, so a chat cannot be rendered "
-                       "for it; send a prompt to /v1/completions instead, or serve a tokenizer with a chat "
-                       "template (rayft exports carry the one they were trained with)", param="messages")
-    if req.tools_active:
-        if not tool_calling:
-            raise APIError(400, "tools: tool calling is off on this server (serve.tool_call_parser: null); send "
-                           "tool_choice 'none' to show the model the conversation without tools, or leave tools out",
-                           param="tools")
-        choice = req.tool_choice
-        if choice == "required" or isinstance(choice, NamedToolChoice):
-            what = "'required'" if choice == "required" else f"a named function ({choice.function.name!r})"
-            raise APIError(400, f"tool_choice: {what} forces a call, which needs guided decoding; the hf engine does "
-                           f"not have it. Send tool_choice 'auto' (the model decides whether to call) or serve on the "
-                           f"vllm engine (serve.engine: vllm), which enforces it", param="tool_choice",
-                           code="unsupported_value")
-        if "tools" not in tok.chat_template:
-            raise APIError(400, f"tools: the chat template of model {req.model!r} does not render tools, so the model "
-                           f"would never see them; serve a tokenizer whose template takes `tools` (rayft's default "
-                           f"template does), or leave tools out", param="tools")
-    messages = []
-    for m in req.messages:
-        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        if m.tool_calls:
-            # Templates read the arguments as an object (transformers' convention); the request carries JSON text.
-            msg["tool_calls"] = [{"id": c.id, "type": "function",
-                                  "function": {"name": c.function.name, "arguments": json.loads(c.function.arguments)}}
-                                 for c in m.tool_calls]
-        if m.tool_call_id is not None:
-            msg["tool_call_id"] = m.tool_call_id
-        messages.append(msg)
-    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools_active else None
-    try:
-        return tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
-    except Exception as e:  # noqa: BLE001 - a template that cannot render these messages
-        raise APIError(400, f"messages: the chat template cannot render them ({e})", param="messages") from None
 
 
 def build_app(cfg: ServeConfig, model_path: str, tracking_uri: Optional[str] = None, security=None, log=print):

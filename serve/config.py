@@ -105,9 +105,9 @@ class ServeConfig(_Section):
         "answers carry `tool_calls` and finish_reason `tool_calls`). `hermes`: `<tool_call>{\"name\": ..., "
         "\"arguments\": {...}}</tool_call>` blocks, the layout of rayft's default chat template, Qwen2.5 and "
         "Hermes models. vllm engine: the name of one of vLLM's tool-call parsers (`hermes`, `llama3_json`, "
-        "`mistral`, `pythonic`, ...), set as vLLM's `enable_auto_tool_choice` and `tool_call_parser`, so "
-        "tool_choice `auto`, `required` and a named function all work. hf engine: `hermes` only, and tool_choice "
-        "`required` or a named function is refused (no guided decoding there). `null`: tool calling is off; "
+        "`mistral`, `pythonic`, ...), set as vLLM's `enable_auto_tool_choice` and `tool_call_parser` (tool_choice "
+        "`required` and a named function are left to vLLM's guided decoding). hf engine: `hermes` only, and "
+        "tool_choice `required` or a named function is refused (no guided decoding there). `null`: tool calling is off; "
         "requests with tools and a tool_choice other than `none` are refused.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(

@@ -196,12 +196,17 @@ class LLMIngress:
 
     def _parse(self, body: dict, chat: bool):
         from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+        from vllm.exceptions import VLLMValidationError
 
         cls = ChatCompletionRequest if chat else CompletionRequest
         try:
             req = cls.model_validate(body)
         except ValidationError as e:
             raise request_error(e) from None
+        except VLLMValidationError as e:  # vLLM's own checks across fields (e.g. a tool_choice naming no tool)
+            param = e.parameter or None
+            raise APIError(400, f"{param + ': ' if param else ''}{e.args[0] if e.args else e}", param=param,
+                           code="invalid_value") from None
         extra = sorted((req.model_extra or {}).keys())
         if extra:  # vLLM would ignore it with a log line; a client deserves to know its option did nothing
             raise APIError(400, f"{extra[0]}: not a field of this endpoint's {'chat ' if chat else ''}completion "
