@@ -6,8 +6,9 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # The eval section's task metrics (eval/config.py; a test holds the two lists equal: registry does not import eval).
-TaskMetric = Literal["exact_match", "token_f1", "rouge_l", "json_valid", "json_schema"]
-TASK_METRICS = ("exact_match", "token_f1", "rouge_l", "json_valid", "json_schema")
+TaskMetric = Literal["exact_match", "token_f1", "rouge_l", "json_valid", "json_schema", "tool_name_match",
+                     "tool_args_match"]
+TASK_METRICS = ("exact_match", "token_f1", "rouge_l", "json_valid", "json_schema", "tool_name_match", "tool_args_match")
 
 
 class _Section(BaseModel):

@@ -80,7 +80,7 @@ class TuneConfig(_Section):
     metric: str = Field(
         default="eval_loss",
         description="What ASHA and the choice of the best trial rank by: `eval_loss`, or a task metric of the eval "
-        "section (exact_match, token_f1, rouge_l, json_valid, json_schema), computed at every evaluation step on "
+        "section (exact_match, token_f1, rouge_l, json_valid, json_schema, tool_name_match, tool_args_match), computed at every evaluation step on "
         "`eval.search_sample` examples of the golden set.")
     mode: Optional[Literal["min", "max"]] = Field(
         default=None, description="Whether lower or higher `metric` is better; unset: min for eval_loss, max for a "

@@ -66,7 +66,7 @@ def test_console_script_is_the_cli_main():
 def test_validate_good_file_exits_0(entry, tmp_path):
     r = run(entry, "config", "validate", QUICKSTART, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert f"{QUICKSTART}: valid (run 'quickstart', 3 source(s)" in r.stdout
+    assert f"{QUICKSTART}: valid (run 'quickstart', 5 source(s)" in r.stdout
     assert r.stderr == ""
 
 
