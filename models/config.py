@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Section(BaseModel):
@@ -27,11 +27,23 @@ class ModelConfig(_Section):
         description="QLoRA: load the frozen base in 4-bit (NF4, double quantization) or 8-bit with bitsandbytes. "
         "Needs a CUDA GPU; refused on CPU (use `none`, with `train.deepspeed.offload_params` if memory is short).",
     )
-    attn_implementation: Literal["sdpa", "eager"] = Field(
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         default="sdpa",
-        description="Attention kernel. Both build the block-diagonal mask packed rows need from restarting "
-        "`position_ids`.",
+        description="Attention kernel. All three build the block-diagonal attention packed rows need from restarting "
+        "`position_ids`. `flash_attention_2` needs a CUDA GPU and the flash-attn package, an optional GPU install "
+        "that builds from source (`pip install flash-attn --no-build-isolation`); checked when the config loads.",
     )
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _flash_attn_installed(cls, v: str) -> str:
+        import importlib.util
+
+        if v == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError(
+                "flash_attention_2 needs the flash-attn package, which is not installed here (CUDA GPUs only; "
+                "`pip install flash-attn --no-build-isolation` builds it from source); use sdpa or eager")
+        return v
 
     @property
     def tokenizer_name_or_path(self) -> str:

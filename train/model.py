@@ -94,7 +94,9 @@ def build_peft_model(model_cfg: ModelConfig, train: TrainConfig, dtype: str, log
     trainable, total = count_parameters(peft_model)
     log(f"LoRA on {targets}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
     if train.gradient_checkpointing:
-        log(f"gradient checkpointing: {'on' if base.is_gradient_checkpointing else 'OFF'} "
+        on = getattr(base, "is_activation_checkpointing", None)  # transformers 5's name; 4's below
+        on = base.is_gradient_checkpointing if on is None else on
+        log(f"gradient checkpointing: {'on' if on else 'OFF'} "
             f"({'reentrant, as prepared for k-bit' if model_cfg.quantization != 'none' else 'non-reentrant'})")
     if keep_alive is not None:
         peft_model.rayft_hf_deepspeed_config = keep_alive

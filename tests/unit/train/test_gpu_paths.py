@@ -64,3 +64,14 @@ def test_qlora_under_zero3_refused_at_config_load_naming_fields_and_fix():
     # ZeRO-2 with QLoRA parses (it is refused later only where bitsandbytes or CUDA is missing).
     load_config(os.path.join(ROOT, "examples", "quickstart.yaml"),
                 ["model.quantization=4bit", "train.deepspeed.zero_stage=2"])
+
+
+def test_flash_attention_2_is_accepted_only_where_flash_attn_is_installed():
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        assert ModelConfig(name_or_path="m", attn_implementation="flash_attention_2").attn_implementation
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config(os.path.join(ROOT, "examples", "quickstart.yaml"), ["model.attn_implementation=flash_attention_2"])
+    assert "model.attn_implementation" in str(e.value) and "flash-attn" in str(e.value) and "sdpa" in str(e.value)
