@@ -429,11 +429,13 @@ def read_run_file(run_dir: str) -> dict:
 
 def driver_local_actor() -> dict:
     """Actor options for a helper of the driver (the progress queue): no CPU, on the driver's own node, so losing
-    a worker node takes the workers it ran, never the driver's view of the run."""
+    a worker node takes the workers it ran, never the driver's view of the run; and restarted elsewhere if its node
+    is lost all the same (a driver attached to a node's raylet from another machine): the lines queued then are
+    lost, the later ones come through the same handle."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+    return {"num_cpus": 0, "max_restarts": -1, "scheduling_strategy": NodeAffinitySchedulingStrategy(
         node_id=ray.get_runtime_context().get_node_id(), soft=True)}
 
 
@@ -458,13 +460,18 @@ class ProgressPrinter:
             self._drain(block=True)
 
     def _drain(self, block: bool):
+        from ray.exceptions import ActorUnavailableError
         from ray.util.queue import Empty
 
         try:
             msg = self.queue.get(block=block, timeout=0.5 if block else None)
         except Empty:
             return
-        except Exception as e:  # noqa: BLE001 - the queue's actor is gone (its node died, or it was killed)
+        except ActorUnavailableError:  # the queue's actor is restarting (its node was lost): wait for it
+            if block:
+                time.sleep(1.0)
+            return
+        except Exception as e:  # noqa: BLE001 - the queue's actor is gone for good
             # Progress lines stop; training itself does not depend on them. Said once, and the thread ends
             # instead of failing again every half second.
             if not self._stop.is_set():
