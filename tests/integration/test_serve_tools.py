@@ -80,11 +80,8 @@ def servers(trained, tiny_model_dir):
     for engine, cfg in apps.items():
         start(cfg, tiny_model_dir, tracking, app_name=f"tools-{engine}")
     yield {engine: f"http://127.0.0.1:{port}/{engine}" for engine in apps}
-    from contextlib import suppress
-
-    for engine in apps:
-        with suppress(Exception):
-            serve.delete(f"tools-{engine}")
+    # Serve itself goes too: a Serve left running keeps this module's HTTP port, and the next module's is ignored.
+    serve.shutdown()
 
 
 @pytest.fixture(params=["hf", "vllm"])
