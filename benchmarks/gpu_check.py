@@ -108,6 +108,22 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
+def timed_training(args, step, n_params: int, cfg) -> dict:
+    """Run `step` (one optimizer step, returning its loss) warm-up + timed times; the part's figures."""
+    losses, t0 = [], 0.0
+    for i in range(args.steps + args.warmup):
+        if i == args.warmup:
+            sync(args.device)
+            t0 = time.perf_counter()
+        losses.append(float(step()))
+    sync(args.device)
+    seconds = time.perf_counter() - t0
+    tokens = args.batch * args.seq * args.steps
+    return {"tokens_per_s": tokens / seconds, "peak_gib": peak_gib(args.device), "params": n_params,
+            "flops": lora_flops_per_token(n_params, cfg, args.seq) * tokens / seconds,
+            "note": f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, {args.steps} steps of {args.batch}x{args.seq} tokens"}
+
+
 def deepspeed_part(args, stage: int) -> dict:
     """LoRA steps under DeepSpeed ZeRO-`stage`, configured by rayft's own builders."""
     import deepspeed
@@ -144,21 +160,13 @@ def deepspeed_part(args, stage: int) -> dict:
     device = engine.device
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen).to(device)
-    losses, t0 = [], 0.0
-    for step in range(args.steps + args.warmup):
-        if step == args.warmup:
-            sync(args.device)
-            t0 = time.perf_counter()
+    def step():
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
         engine.step()
-        losses.append(float(loss))
-    sync(args.device)
-    seconds = time.perf_counter() - t0
-    tokens = args.batch * args.seq * args.steps
-    return {"tokens_per_s": tokens / seconds, "peak_gib": peak_gib(args.device), "params": n_params,
-            "flops": lora_flops_per_token(n_params, cfg, args.seq) * tokens / seconds,
-            "note": f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, {args.steps} steps of {args.batch}x{args.seq} tokens"}
+        return loss
+
+    return timed_training(args, step, n_params, cfg)
 
 
 def qlora_part(args) -> dict:
@@ -181,22 +189,14 @@ def qlora_part(args) -> dict:
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).cuda()
     with torch.device("meta"):  # the parameter count without memory
         n_params = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
-    losses = []
-    for step in range(args.steps + args.warmup):
-        if step == args.warmup:
-            sync(args.device)
-            t0 = time.perf_counter()
+    def step():
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-    sync(args.device)
-    seconds = time.perf_counter() - t0
-    tokens = args.batch * args.seq * args.steps
-    return {"tokens_per_s": tokens / seconds, "peak_gib": peak_gib(args.device), "params": n_params,
-            "flops": lora_flops_per_token(n_params, cfg, args.seq) * tokens / seconds,
-            "note": f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"}
+        return loss
+
+    return timed_training(args, step, n_params, cfg)
 
 
 def serve_part(args) -> dict:

@@ -284,7 +284,7 @@ def unwritable_storage(args, cfg, data) -> dict:
 
 def cluster_faults(args, model_dir: str, work: str) -> list[dict]:
     """A worker kill and a node loss on a two-node loopback cluster whose runs live in a real S3 server."""
-    from tests.cluster_helpers import _children_of, two_node_cluster
+    from tests.cluster_helpers import _children_of, ray_train_workers, two_node_cluster
     from tests.s3_server import S3Server
 
     s3 = S3Server(Path(work) / "s3")
@@ -302,26 +302,15 @@ def cluster_faults(args, model_dir: str, work: str) -> list[dict]:
         with two_node_cluster("rfb-") as cluster:
             env = dict(cluster.env, RAY_AUTH_MODE="token", PYTHONUNBUFFERED="1", **s3.env)
 
-            def workers(pids):
-                found = []
-                for pid in pids:
-                    try:
-                        with open(f"/proc/{pid}/cmdline", "rb") as f:
-                            if b"RayTrainWorker" in f.read():
-                                found.append(pid)
-                    except OSError:
-                        continue
-                return found
-
             def kill_a_worker():
-                victims = workers(_children_of(cluster.node_pids()))
+                victims = ray_train_workers(_children_of(cluster.node_pids()))
                 if not victims:
                     return False
                 os.kill(victims[-1], signal.SIGKILL)
                 return True
 
             def lose_the_node():
-                if not workers(cluster.worker_node_pids()):
+                if not ray_train_workers(cluster.worker_node_pids()):
                     return False
                 cluster.lose_worker_node()
                 return True

@@ -68,6 +68,19 @@ def _children_of(pids: set[int]) -> set[int]:
     return found
 
 
+def ray_train_workers(pids: set[int]) -> list[int]:
+    """Those of `pids` that are Ray Train worker processes (their title names RayTrainWorker)."""
+    found = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"RayTrainWorker" in f.read():
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
 def _kill(pids: set[int], timeout_s: float = 5) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:

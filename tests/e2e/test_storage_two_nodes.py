@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cluster_helpers import _children_of, _free_ports, two_node_cluster
+from tests.cluster_helpers import _children_of, _free_ports, ray_train_workers, two_node_cluster
 from tests.s3_server import ACCESS_KEY, SECRET_KEY
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -164,7 +164,7 @@ def test_pipeline_on_s3_then_serve_from_the_registry(cluster, s3_setup, mlflow_s
 
 
 def _train_workers(cluster) -> list[int]:
-    return _train_workers_among(_children_of(cluster.node_pids()))
+    return ray_train_workers(_children_of(cluster.node_pids()))
 
 
 def test_worker_kill_resumes_from_s3_and_damaged_latest_falls_back(cluster, s3_setup, mlflow_server, tiny_model_dir,
@@ -206,18 +206,6 @@ def test_worker_kill_resumes_from_s3_and_damaged_latest_falls_back(cluster, s3_s
     assert "resumed from checkpoint_step00000006" in out, out[-4000:]
 
 
-def _train_workers_among(pids: set[int]) -> list[int]:
-    found = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"RayTrainWorker" in f.read():
-                    found.append(pid)
-        except OSError:
-            continue
-    return found
-
-
 def test_node_loss_goes_on_with_the_same_workers_on_the_remaining_node(cluster, s3_setup, mlflow_server,
                                                                       tiny_model_dir, tmp_path):
     """The worker node disappears mid-run (every process of it SIGKILLed). Ray Train restarts the worker group on
@@ -237,7 +225,7 @@ def test_node_loss_goes_on_with_the_same_workers_on_the_remaining_node(cluster, 
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and proc.poll() is None and not lost:
             if any("checkpoint_step00000004/state.json" in f for f in s3.list(prefix)):
-                on_worker = _train_workers_among(cluster.worker_node_pids())
+                on_worker = ray_train_workers(cluster.worker_node_pids())
                 assert on_worker, "SPREAD placed no Ray Train worker on the worker node"
                 cluster.lose_worker_node()
                 lost = True
