@@ -26,6 +26,11 @@ class WorkerError(RuntimeError):
     it instead of Ray's wrapper with every worker's traceback."""
 
 
+class Preempted(WorkerError):
+    """Raised by every rank after the checkpoint a preemption notice asked for: the worker group stops, and Ray
+    Train starts it again (on the nodes that remain, or new ones) from that checkpoint."""
+
+
 @dataclass
 class Progress:
     """Where the run stands: exactly what a checkpoint's state.json holds (in this order) and a resume restores."""
@@ -64,6 +69,7 @@ class WorkerState:
     attempt_tokens: float = 0.0  # non-pad tokens since this attempt started
     attempt_time_s: float = 0.0  # step time since this attempt started
     loop_start_s: float = 0.0
+    preemption: Any = None  # PreemptionWatch (preemption.py): a drain of this node or SIGTERM to this worker
 
 
 @dataclass
@@ -75,6 +81,7 @@ class StepResult:
     nonpad_tokens: float
     examples: float
     time_s: float
+    notice_ranks: float = 0.0  # how many ranks had a preemption notice when the step ended
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -87,28 +94,35 @@ def train_loop_per_worker(config: dict) -> None:
     except RuntimeError as e:
         raise WorkerError(str(e)) from None
     state = setup(config)
-    resume(state, required=bool(config.get("require_resume")))
-    if state.eval_rows is not None and state.start_step == 0:  # a resumed run has it from its checkpoint
-        state.progress.initial_eval_loss = evaluate(state)["eval_loss"]
-    state.engine.train()
-    state.loop_start_s = time.perf_counter()  # the ETA counts training steps, not set-up or the first eval
-    per_epoch, gas = state.plan["steps_per_epoch"], state.train.accumulation_steps
-    while not finished(state):
-        batches = micro_batches(state, skip=state.progress.step_in_epoch * gas)
-        while state.progress.step_in_epoch < per_epoch and not finished(state):
-            stats = train_step(state, [next(batches) for _ in range(gas)])
-            metrics = step_metrics(state, stats) if logging_due(state) else {}
-            evaluated = eval_due(state)
-            if evaluated:
-                metrics.update(evaluate(state))
-                metrics.update(task_metrics(state, config.get("task_eval")))
-                observe_eval_loss(state, metrics["eval_loss"])
-            epoch_done = advance_position(state)
-            with_checkpoint = evaluated or checkpoint_due(state)
-            if metrics or with_checkpoint:
-                report(state, metrics, with_checkpoint)
-            if epoch_done:  # the next epoch reads its rows from the start
-                break
+    try:
+        resume(state, required=bool(config.get("require_resume")))
+        if state.eval_rows is not None and state.start_step == 0:  # a resumed run has it from its checkpoint
+            state.progress.initial_eval_loss = evaluate(state)["eval_loss"]
+        state.engine.train()
+        state.loop_start_s = time.perf_counter()  # the ETA counts training steps, not set-up or the first eval
+        per_epoch, gas = state.plan["steps_per_epoch"], state.train.accumulation_steps
+        while not finished(state):
+            batches = micro_batches(state, skip=state.progress.step_in_epoch * gas)
+            while state.progress.step_in_epoch < per_epoch and not finished(state):
+                stats = train_step(state, [next(batches) for _ in range(gas)])
+                noticed_at_s = preemption_noticed_at(state, stats)
+                metrics = step_metrics(state, stats) if logging_due(state) else {}
+                evaluated = eval_due(state)
+                if evaluated:
+                    metrics.update(evaluate(state))
+                    metrics.update(task_metrics(state, config.get("task_eval")))
+                    observe_eval_loss(state, metrics["eval_loss"])
+                epoch_done = advance_position(state)
+                # A node about to go: this step's checkpoint is the one the run resumes from, so it loses nothing.
+                with_checkpoint = evaluated or checkpoint_due(state) or noticed_at_s is not None
+                if metrics or with_checkpoint:
+                    report(state, metrics, with_checkpoint)
+                if noticed_at_s is not None and not finished(state):
+                    stop_for_preemption(state, stats, noticed_at_s)
+                if epoch_done:  # the next epoch reads its rows from the start
+                    break
+    finally:
+        state.preemption.uninstall()
 
 
 # ------------------------------------------------------------------------------------------ set up
@@ -126,6 +140,7 @@ def setup(config: dict) -> WorkerState:
 
     from .config import TrainConfig
     from .engine import build_engine
+    from .preemption import PreemptionWatch
     from .shards import shard_name
 
     # This worker may run on another node: it reaches the run folder through the same endpoint as the driver.
@@ -146,6 +161,8 @@ def setup(config: dict) -> WorkerState:
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
+    preemption = PreemptionWatch(warn=say)
+    preemption.install()  # before the model loads: a SIGTERM during loading is noticed at the first step
     process = psutil.Process()
     baseline_rss = process.memory_info().rss
     engine = build_engine(model_cfg, train, plan["warmup_steps"], plan["total_steps"], device,
@@ -154,7 +171,7 @@ def setup(config: dict) -> WorkerState:
         train=train, plan=plan, run_dir=config["run_dir"], tracking=config.get("tracking"), rank=rank, world=world,
         device=device, engine=engine, train_rows=ray.train.get_dataset_shard(shard_name("train", rank)),
         eval_rows=ray.train.get_dataset_shard(shard_name("eval", rank)) if plan["has_eval"] else None, say=say,
-        process=process, baseline_rss_bytes=baseline_rss, security=security)
+        process=process, baseline_rss_bytes=baseline_rss, security=security, preemption=preemption)
 
 
 def return_freed_tensors_to_the_os() -> None:
@@ -263,13 +280,14 @@ def train_step(state: WorkerState, window: list) -> StepResult:
         loss_sum += float(loss.detach())
         state.engine.backward(loss * state.world / max(tokens, 1.0), scale_wrt_gas=False)
         state.engine.step()
-    (loss_sum,) = all_sum(state, loss_sum)
+    # The preemption flag rides on this all-reduce: every rank learns at the same step that one of them was told.
+    loss_sum, notice_ranks = all_sum(state, loss_sum, 1.0 if state.preemption.notice() else 0.0)
     state.progress.global_step += 1
     state.progress.step_in_epoch += 1
     dt = time.perf_counter() - t0
     state.attempt_tokens += nonpad
     state.attempt_time_s += dt
-    return StepResult(loss_sum, tokens, nonpad, examples, dt)
+    return StepResult(loss_sum, tokens, nonpad, examples, dt, notice_ranks)
 
 
 def token_loss_sum(state: WorkerState, rows: dict):
@@ -413,6 +431,34 @@ def observe_eval_loss(state: WorkerState, eval_loss: float) -> None:
     if p.stopped_early:
         state.say(f"early stopping at step {p.global_step}: eval loss has not improved for "
                   f"{stopping.patience} evaluations")
+
+
+# -------------------------------------------------------------------------------------- preemption
+
+
+def preemption_noticed_at(state: WorkerState, step: StepResult) -> Optional[float]:
+    """When the first rank was told its node is about to go (time.time()), or None when no rank was."""
+    if not step.notice_ranks:
+        return None
+    own = state.preemption.notice()
+    (latest,) = all_reduce_max(state, -own.seen_at_s if own else -math.inf)
+    return -latest
+
+
+def stop_for_preemption(state: WorkerState, step: StepResult, noticed_at_s: float) -> None:
+    """After the checkpoint a preemption notice asked for: every rank stops, so Ray Train starts the group again
+    from it, on the nodes that remain or new ones, instead of training on until the node is taken."""
+    from .checkpoint import checkpoint_dir_name
+
+    own = state.preemption.notice()
+    name = checkpoint_dir_name(state.progress.global_step)
+    took_s = time.time() - noticed_at_s
+    what = own.detail if own is not None else "another worker's node"
+    state.say(f"preemption: notice on {int(step.notice_ranks)} of {state.world} worker(s) ({what}); {name} written "
+              f"{took_s:.1f}s after the notice; the workers stop and the run resumes from step "
+              f"{state.progress.global_step}")
+    raise Preempted(f"preempted at step {state.progress.global_step} ({what}); {name} was written for the restart, "
+                    f"which counts against train.max_failures: raise it for runs on spot capacity")
 
 
 # ------------------------------------------------------------------------------------ save + report
