@@ -337,6 +337,7 @@ class Option:
     fits_memory: bool
     spot: bool
     dtype: str = "bfloat16"     # what training uses on this GPU: bf16, or fp16 with loss scaling where bf16 is missing
+    cpus_per_node: int = 0
 
     @property
     def fits(self) -> bool:
@@ -366,6 +367,28 @@ def rank_options(cfg, plan: MemoryPlan, types) -> list[Option]:
     def key(o: Option):
         idle = (o.nodes * o.gpus_per_node - cfg.train.num_workers) if o.nodes else 10**6
         return (not o.fits, idle, o.nodes or 10**6, o.spot, o.gpu_memory_gib)
+
+    return sorted(options, key=key)
+
+
+def rank_cpu_options(cfg, types) -> list[Option]:
+    """For CPU training (train.use_gpu false): every worker type without GPUs, with whether the workers fit its
+    CPUs; the best first. GPU types are left out as Ray's autoscaler leaves them out: it starts a GPU node only for
+    work that asks for a GPU (AUTOSCALER_CONSERVE_GPU_NODES). Best: fits; then fewer nodes; then on-demand before
+    spot; then the fewest idle CPUs (the autoscaler also prefers the type the request fills most).
+    Host memory is not checked: cluster.yaml does not say how much a node type has."""
+    from .cluster_yaml import fitting_worker_types
+
+    t = cfg.train
+    fit_nodes = {wt.name: nodes for wt, nodes in fitting_worker_types(t, types)}
+    options = [Option(worker_type=wt.name, instance_type=wt.instance_type, gpu="none", gpu_memory_gib=0.0,
+                      gpus_per_node=0, nodes=fit_nodes.get(wt.name), fits_memory=True, spot=wt.spot,
+                      dtype=compute_dtype(cfg), cpus_per_node=wt.cpus)
+               for wt in types if not wt.gpus]
+
+    def key(o: Option):
+        idle = (o.nodes * o.cpus_per_node - t.num_workers * t.cpus_per_worker) if o.nodes else 10**6
+        return (not o.fits, o.nodes or 10**6, o.spot, idle)
 
     return sorted(options, key=key)
 
@@ -448,7 +471,9 @@ def format_plan(cfg, shape: ModelShape, plan: MemoryPlan, options: list[Option],
         lines += ["", ("train.use_gpu is false: this runs on CPU workers; " if not t.use_gpu else "--device cpu: ")
                   + "the figures are host memory each worker process adds to its idle baseline (checked against "
                   "measured peaks by benchmarks/memory_plan.py)."]
-        return "\n".join(lines)
+        if t.use_gpu:
+            return "\n".join(lines)
+        return "\n".join(lines + _cpu_recommendation(t, options, cluster_path))
     lines += ["", f"worker types in {cluster_path} (a GPU is full above {int(HEADROOM * 100)}% of its memory):"]
     for o in options:
         if o.nodes is None:
@@ -469,6 +494,25 @@ def format_plan(cfg, shape: ModelShape, plan: MemoryPlan, options: list[Option],
         lines.append("no worker type fits this config as written; settings that would fit the largest GPU:")
         lines += [f"  - {h}" for h in hints]
     return "\n".join(lines)
+
+
+def _cpu_recommendation(t, options: list[Option], cluster_path: str) -> list[str]:
+    lines = ["", f"CPU worker types in {cluster_path} ({t.num_workers} worker(s) x {t.cpus_per_worker:g} CPU; "
+             "GPU types are kept for GPU work; host memory is not checked):"]
+    for o in options:
+        verdict = (f"fits: {o.nodes} node(s)" if o.fits
+                   else f"{t.num_workers} workers of {t.cpus_per_worker:g} CPU do not fit its max_workers")
+        lines.append(f"  {o.worker_type:20s} {o.instance_type:14s} {o.cpus_per_node} CPU{' spot' if o.spot else ''}"
+                     f"  {verdict}")
+    best = next((o for o in options if o.fits), None)
+    lines.append("")
+    if best:
+        lines.append(f"recommended: {best.worker_type} ({best.instance_type}) x {best.nodes} node(s) for "
+                     f"{t.num_workers} worker(s)")
+    else:
+        lines.append("no CPU worker type holds these workers; lower train.num_workers or train.cpus_per_worker, "
+                     "or add a CPU node type (or raise its max_workers) in the cluster config")
+    return lines
 
 
 def _dtype_note(cfg, o: Option, plan: MemoryPlan) -> str:
@@ -499,7 +543,10 @@ def make_plan(cfg, cluster_path, device: Optional[str] = None) -> dict:
     shape = read_model_shape(cfg.model, cfg.train.lora)
     plan = estimate_memory(cfg, shape, device=device)
     types = worker_types(load_cluster_yaml(cluster_path), str(cluster_path))
-    options = rank_options(cfg, plan, types) if plan.device == "gpu" else []
+    if plan.device == "gpu":
+        options = rank_options(cfg, plan, types)
+    else:  # CPU training is placed on a CPU type; a --device cpu plan of a GPU config recommends nothing
+        options = [] if cfg.train.use_gpu else rank_cpu_options(cfg, types)
     hints = [] if any(o.fits for o in options) or plan.device == "cpu" or not cfg.train.use_gpu \
         else suggestions(cfg, shape, types)
     return {"shape": shape, "plan": plan, "options": options, "hints": hints,

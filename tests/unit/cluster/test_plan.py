@@ -210,3 +210,21 @@ def test_plan_says_fp16_with_loss_scaling_on_gpus_without_bf16(qwen_dir, tmp_pat
     # The shipped example pins bfloat16: on the T4 the plan says to change that.
     pinned = make_plan(_cfg(qwen_dir), tmp_path / "cluster.yaml")
     assert "model.dtype is bfloat16, which this GPU lacks: set model.dtype: auto" in pinned["text"]
+
+
+def test_cpu_training_recommends_a_cpu_worker_type(qwen_dir, tmp_path):
+    # Ray's autoscaler starts GPU nodes only for work that asks for GPUs; CPU training gets the CPU type.
+    cfg = _cfg(qwen_dir, "train.use_gpu=false", "train.num_workers=2", "train.cpus_per_worker=4",
+               "train.global_batch_size=null")
+    result = make_plan(cfg, ROOT / "cluster.yaml")
+    assert plan_json(result)["recommended"] == {"worker_type": "cpu-16", "nodes": 1}
+    assert [o.worker_type for o in result["options"]] == ["cpu-16"]
+    assert "recommended: cpu-16 (m6i.4xlarge) x 1 node(s) for 2 worker(s)" in result["text"]
+    more = make_plan(_cfg(qwen_dir, "train.use_gpu=false", "train.num_workers=8", "train.cpus_per_worker=4",
+                          "train.global_batch_size=null"), ROOT / "cluster.yaml")
+    assert plan_json(more)["recommended"] == {"worker_type": "cpu-16", "nodes": 2}
+    # more workers than max_workers nodes of the type hold: none fits, and the plan says what to change
+    none = make_plan(_cfg(qwen_dir, "train.use_gpu=false", "train.num_workers=32", "train.cpus_per_worker=4",
+                          "train.global_batch_size=null"), ROOT / "cluster.yaml")
+    assert plan_json(none)["recommended"] is None
+    assert "no CPU worker type holds these workers" in none["text"]
