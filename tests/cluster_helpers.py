@@ -183,6 +183,21 @@ class LocalCluster:
         while time.monotonic() < deadline and any(_alive(p) for p in pids):
             time.sleep(0.2)
 
+    def worker_node_id(self) -> str:
+        """The alive worker node's Ray node id (hex), from the dashboard."""
+        alive = [r for r in self._raylets() if r.get("state") == "ALIVE" and not r.get("isHeadNode")]
+        assert len(alive) == 1, f"expected one alive worker node, found {alive}"
+        return alive[0]["nodeId"]
+
+    def drain_worker_node(self, deadline_s: int, reason: str = "spot instance reclaim (test)") -> None:
+        """A preemption notice, as the autoscaler or a cloud integration sends it: the GCS marks the worker node
+        draining, with the time left before it is taken. The node itself keeps running (`lose_worker_node` takes
+        it, `restore_worker_node` brings a fresh one)."""
+        out = _run([RAY, "drain-node", "--address", self.gcs_address, "--node-id", self.worker_node_id(),
+                    "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", reason,
+                    "--deadline-remaining-seconds", str(deadline_s)], self._node_env, 60)
+        assert out.returncode == 0, f"ray drain-node: {out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+
     def restore_worker_node(self) -> None:
         """A fresh worker node with the same ports and temp dir (after `lose_worker_node`)."""
         self._start(self._worker_cmd, self._node_env)
@@ -201,16 +216,18 @@ class LocalCluster:
             found |= _pids_with(str(d))
         return found
 
+    def _raylets(self) -> list[dict]:
+        req = urllib.request.Request(f"{self.dashboard}/nodes?view=summary",
+                                     headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return [x.get("raylet", {}) for x in json.load(r)["data"]["summary"]]
+
     def _wait_for_nodes(self, n: int, timeout_s: float = 90) -> None:
         deadline = time.monotonic() + timeout_s
         last = None
         while time.monotonic() < deadline:
             try:
-                req = urllib.request.Request(f"{self.dashboard}/nodes?view=summary",
-                                             headers={"Authorization": f"Bearer {self.token}"})
-                with urllib.request.urlopen(req, timeout=5) as r:
-                    body = json.load(r)
-                alive = [x for x in body["data"]["summary"] if x.get("raylet", {}).get("state") == "ALIVE"]
+                alive = [r for r in self._raylets() if r.get("state") == "ALIVE"]
                 if len(alive) >= n:
                     return
                 last = f"{len(alive)} node(s) alive"

@@ -10,6 +10,8 @@ can depend on the driver's local disk:
    then the latest checkpoint in the bucket is damaged and `rayft train --resume` falls back to the previous one.
 4. Node loss: the worker node (raylet, agents, its Ray Train worker) is killed mid-run; the run goes on with the
    same number of workers on the head, from its last S3 checkpoint.
+5. Preemption: the worker node is drained mid-run (a spot reclaim notice), later the workers get SIGTERM; each time
+   the run checkpoints at the next step boundary, stops, and resumes from there, losing at most one step.
 The endpoint reaches every process through `storage.endpoint_url` in the config; the keys only through each
 process's environment (never the config, logs or MLflow params, which the test checks).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -242,3 +245,88 @@ def test_node_loss_goes_on_with_the_same_workers_on_the_remaining_node(cluster, 
             os.killpg(proc.pid, signal.SIGKILL)
         if lost:
             cluster.restore_worker_node()  # the module's other tests get their two nodes back
+
+
+STEP_LINE = re.compile(r"^step (\d+)/\d+", re.M)
+RESUMED_LINE = re.compile(r"^resumed from checkpoint_step\d+ at step (\d+)", re.M)
+
+
+def preemption_restarts(text: str) -> list[dict]:
+    """Each resume in a `rayft train` log: the step it resumed at, the furthest step reached before it (the steps a
+    restart loses are the difference), and the preemption line that came before it, if any."""
+    events, furthest, notice = [], 0, None
+    for line in text.splitlines():
+        if m := STEP_LINE.match(line):
+            furthest = max(furthest, int(m.group(1)))
+        elif line.startswith("preemption: "):
+            notice = line
+        elif m := RESUMED_LINE.match(line):
+            events.append({"resumed_at": int(m.group(1)), "furthest": furthest, "notice": notice})
+            furthest, notice = int(m.group(1)), None
+    return events
+
+
+def _wait_for(pattern: str, log: Path, proc, timeout_s: float = 600, after: int = 0) -> str:
+    """The log once a line matching `pattern` appears past character `after` (the run must still be going)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = log.read_text()
+        if re.search(pattern, text[after:], re.M):
+            return text
+        assert proc.poll() is None, f"the run ended before '{pattern}':\n{text[-5000:]}"
+        time.sleep(0.3)
+    raise AssertionError(f"no '{pattern}' in {timeout_s}s:\n{log.read_text()[-5000:]}")
+
+
+def test_preemption_drain_then_sigterm_each_lose_at_most_one_step(cluster, s3_setup, mlflow_server, tiny_model_dir,
+                                                                   tmp_path):
+    """Checkpoints only every 100 steps, so anything resumed past step 0 is the preemption's own checkpoint.
+
+    1. `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION` on the worker node (what the autoscaler and spot
+       integrations send): Ray Train's watcher tells every worker; they checkpoint at the next step boundary, stop,
+       and the group restarts on the head alone (a draining node takes no new work).
+    2. SIGTERM to every Ray Train worker (now on the head): the same, noticed by the workers' own handler."""
+    s3, env = s3_setup, _env(cluster)
+    work = _scratch(tmp_path, "preempt")
+    cfg_path = _config(work, cluster, s3, mlflow_server, tiny_model_dir, "preempt", max_steps=20, max_failures=3,
+                       save_every_n_steps=100, eval_every_n_steps=100, logging_every_n_steps=1,
+                       placement_strategy="SPREAD")
+    log_path = work / "train.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([RAYFT, "train", str(cfg_path)], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    drained, t0 = False, time.monotonic()
+    try:
+        _wait_for(r"^step 2/", log_path, proc)
+        print(f"step 2 at {time.monotonic() - t0:.0f}s")
+        assert ray_train_workers(cluster.worker_node_pids()), "SPREAD placed no Ray Train worker on the worker node"
+        cluster.drain_worker_node(deadline_s=120)
+        drained = True
+        text = _wait_for(r"^resumed from checkpoint_step", log_path, proc)
+        print(f"resumed after the drain at {time.monotonic() - t0:.0f}s")
+        assert not ray_train_workers(cluster.worker_node_pids()), "the restarted group used the draining node"
+        resumed = RESUMED_LINE.findall(text)[-1]
+        text = _wait_for(rf"^step {int(resumed) + 2}/", log_path, proc, after=text.rindex("resumed from"))
+        victims = _train_workers(cluster)
+        assert victims, "no Ray Train worker to send SIGTERM to"
+        for pid in victims:
+            os.kill(pid, signal.SIGTERM)
+        print(f"SIGTERM at {time.monotonic() - t0:.0f}s")
+        assert proc.wait(timeout=900) == 0, log_path.read_text()[-5000:]
+        print(f"finished at {time.monotonic() - t0:.0f}s")
+        text = log_path.read_text()
+        events = preemption_restarts(text)
+        assert len(events) == 2, text[-6000:]
+        drain, term = events
+        assert drain["notice"] and "drain of node" in drain["notice"], text[-6000:]
+        assert term["notice"] and "SIGTERM" in term["notice"], text[-6000:]
+        for e in events:
+            assert e["resumed_at"] >= 2 and e["furthest"] - e["resumed_at"] <= 1, (e, text[-6000:])
+        run = json.loads(s3.filesystem().open_input_stream(f"{BUCKET}/runs/preempt/rayft_run.json").read())
+        assert run["status"] == "finished" and run["metrics"]["global_step"] == 20, run
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if drained:  # a drained node takes no new work: the module's other tests get a fresh one
+            cluster.lose_worker_node()
+            cluster.restore_worker_node()
