@@ -16,18 +16,27 @@ Per fault it prints: what was injected, whether the system recovered, the time t
                        from the checkpoint in the bucket
     S3 node loss       the same, but every process of the worker node (raylet, agents, its workers) is SIGKILLed
                        at once; the group restarts on the head (workers placed SPREAD, half a CPU each)
+    S3 drain           a preemption notice: `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION` on the worker node
+                       (what the autoscaler and spot integrations send); the workers checkpoint at the next step
+                       boundary and stop; the group restarts on the head from that checkpoint
+    S3 SIGTERM         SIGTERM to every Ray Train worker (a spot machine's shutdown): the same, noticed by the
+                       workers' own handler
     replica kill       the Serve replica process is SIGKILLed under closed-loop load; Serve restarts it
     soak               steady closed-loop load for --soak-s seconds: errors, latency, replica memory growth
 
 Exit status 0 only if every fault was recovered from. Time to recover: training, from the fault (automatic recovery) or from the re-run (manual recovery) until the
-run trains past the step it had reached when the fault hit, i.e. until the lost work is redone; serving, from
+run trains past the step it had reached when the fault hit (after a preemption notice, the step it reached before
+the restart), i.e. until the lost work is redone; serving, from
 the kill until the first successful answer to a request sent after it. Steps lost: steps trained before the
 fault and trained again after it (the work since the last intact checkpoint). Requests lost: requests that
-failed; every request sent after the recovery must succeed.
+failed; every request sent after the recovery must succeed. The preemption rows also give the time from the notice
+to the checkpoint being written (as the workers measured it), and are compared with the SIGKILL of a worker (the
+same fault without a notice) in the same run.
 
     .venv/bin/python benchmarks/reliability.py            # 16-step runs, a 3-minute soak
     .venv/bin/python benchmarks/reliability.py --quick    # 12-step runs, a 30-second soak
 Both take 13-15 minutes on a shared 2-core machine, mostly Ray, data and DeepSpeed start-up of the training runs.
+    .venv/bin/python benchmarks/reliability.py --quick --only s3,preempt   # the two-node cluster cases only
     options: --steps N --every K --soak-s S --concurrency C --workdir DIR --out results.json --only a,b
 
 The model is rayft's tiny Llama (no weights can be downloaded here) and the sample data of the quickstart.
@@ -55,6 +64,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 STEP_LINE = re.compile(r"step (\d+)/(\d+)")
 RESUMED_LINE = re.compile(r"resumed from (checkpoint_step\d+) at step (\d+)")
+PREEMPTION_LINE = re.compile(r"preemption: .* written ([\d.]+)s after the notice")
 RAYFT = str(Path(sys.executable).with_name("rayft"))
 
 
@@ -282,8 +292,9 @@ def unwritable_storage(args, cfg, data) -> dict:
 # ------------------------------------------------------------------------------------------- serving faults
 
 
-def cluster_faults(args, model_dir: str, work: str) -> list[dict]:
-    """A worker kill and a node loss on a two-node loopback cluster whose runs live in a real S3 server."""
+def cluster_faults(args, model_dir: str, work: str, kinds: set) -> list[dict]:
+    """On a two-node loopback cluster whose runs live in a real S3 server: a worker kill and a node loss (`s3`),
+    a drain and SIGTERM, the two preemption notices (`preempt`)."""
     from tests.cluster_helpers import _children_of, ray_train_workers, two_node_cluster
     from tests.s3_server import S3Server
 
@@ -315,8 +326,27 @@ def cluster_faults(args, model_dir: str, work: str) -> list[dict]:
                 cluster.lose_worker_node()
                 return True
 
-            for fault, inject, what in (("S3 worker kill", kill_a_worker, "SIGKILL to one Ray Train worker"),
-                                        ("S3 node loss", lose_the_node, "SIGKILL to every process of the worker node")):
+            def drain_the_node():
+                if not ray_train_workers(cluster.worker_node_pids()):
+                    return False
+                cluster.drain_worker_node(deadline_s=120)
+                return True
+
+            def sigterm_the_workers():
+                victims = ray_train_workers(_children_of(cluster.node_pids()))
+                for pid in victims:
+                    os.kill(pid, signal.SIGTERM)
+                return bool(victims)
+
+            faults = []
+            if "s3" in kinds or "preempt" in kinds:  # the preemption rows' baseline: the same fault without notice
+                faults.append(("S3 worker kill", kill_a_worker, "SIGKILL to one Ray Train worker"))
+            if "s3" in kinds:
+                faults.append(("S3 node loss", lose_the_node, "SIGKILL to every process of the worker node"))
+            if "preempt" in kinds:
+                faults += [("S3 drain", drain_the_node, "drain (preemption, 120 s deadline) of the worker node"),
+                           ("S3 SIGTERM", sigterm_the_workers, "SIGTERM to every Ray Train worker")]
+            for fault, inject, what in faults:
                 name = fault.lower().replace(" ", "-")
                 extra = [f"storage_path=s3://{bucket}/runs", f"storage.endpoint_url={s3.endpoint}",
                          f"ray.address={cluster.gcs_address}", "train.num_workers=2", "train.cpus_per_worker=0.5",
@@ -346,13 +376,26 @@ def cluster_faults(args, model_dir: str, work: str) -> list[dict]:
                                     progress.text()[-500:]))
                     continue
                 resumed = progress.resumed(t_fault)
-                back = progress.passed(reached, t_fault)
                 finished = code == 0 and f"finished {args.steps}/{args.steps}" in progress.text()
                 from_step = resumed[0][2] if resumed else 0
-                rows.append(row(fault, f"{what} at step {reached}", finished and bool(resumed),
-                                back - t_fault if back else None, f"{reached - from_step} steps",
-                                f"resumed at step {from_step} in the same run; checkpoints in S3"))
-                if fault == "S3 node loss":
+                # The steps trained before the restart and trained again after it. After a notice the run trains on
+                # until the checkpoint, so recovery is timed to the first step past the furthest one before the restart.
+                furthest = max([s for t, s in progress.steps() if not resumed or t < resumed[0][0]], default=reached)
+                back = progress.passed(furthest, resumed[0][0] if resumed else t_fault)
+                note = f"resumed at step {from_step} in the same run; checkpoints in S3"
+                notice = PREEMPTION_LINE.search(progress.text())
+                if notice:
+                    note += f"; notice to checkpoint written {float(notice.group(1)):.1f} s"
+                if resumed:
+                    note += f"; fault to resumed {resumed[0][0] - t_fault:.1f} s"
+                r = row(fault, f"{what} at step {reached}", finished and bool(resumed),
+                        back - t_fault if back else None, f"{furthest - from_step} steps", note)
+                r["steps_lost"] = furthest - from_step
+                r["notice_to_checkpoint_s"] = float(notice.group(1)) if notice else None
+                rows.append(r)
+                if fault in ("S3 node loss", "S3 drain"):
+                    if fault == "S3 drain":  # a drained node takes no new work: bring a fresh one
+                        cluster.lose_worker_node()
                     cluster.restore_worker_node()
     finally:
         s3.stop()
@@ -455,9 +498,10 @@ def main(argv=None) -> int:
     ap.add_argument("--soak-s", type=float, default=None, help="soak duration (default 180, quick 30)")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--only", default="driver,worker,corrupt,storage,s3,serve",
-                    help="comma-separated subset of driver,worker,corrupt,storage,s3,serve (s3: the S3 worker kill "
-                         "and node loss on a two-node cluster)")
+    ap.add_argument("--only", default="driver,worker,corrupt,storage,s3,preempt,serve",
+                    help="comma-separated subset of driver,worker,corrupt,storage,s3,preempt,serve (s3: the S3 worker "
+                         "kill and node loss on a two-node cluster; preempt: a drain and SIGTERM there, with the "
+                         "worker kill as their baseline)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
@@ -499,9 +543,19 @@ def main(argv=None) -> int:
             cfg2 = load_config(REPO / "examples" / "quickstart.yaml",
                                overrides(args, model_dir, storage, "unwritable", "train.max_failures=0"))
             rows.append(unwritable_storage(args, cfg2, data))
-    if "s3" in only:
-        print("S3 worker kill and node loss on a two-node cluster ...", flush=True)
-        rows.extend(cluster_faults(args, model_dir, work))
+    if only & {"s3", "preempt"}:
+        print("faults on a two-node cluster with S3 ...", flush=True)
+        rows.extend(cluster_faults(args, model_dir, work, only))
+        base = next((r for r in rows if r["fault"] == "S3 worker kill" and r["recovered"]), None)
+        for r in rows:
+            if r["fault"] not in ("S3 drain", "S3 SIGTERM") or base is None or r.get("steps_lost") is None:
+                continue
+            line = (f"{r['fault']}: {r['steps_lost']} step(s) lost against {base['steps_lost']} for the SIGKILL without "
+                    f"notice (checkpoint every {args.every})")
+            if r["time_to_recover_s"] and base["time_to_recover_s"]:
+                line += (f"; time to recover {r['time_to_recover_s']} s against {base['time_to_recover_s']} s "
+                         f"({r['time_to_recover_s'] / base['time_to_recover_s']:.2f}x)")
+            print(line, flush=True)
     if "serve" in only:
         print("replica kill and soak ...", flush=True)
         rows.extend(serving_faults(args, model_dir))
