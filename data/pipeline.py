@@ -5,14 +5,18 @@
                groups of a Parquet file, or a whole JSON array / CSV file (size: data.read_block_mb)
                -> parse + normalise + validate + redact, streamed out in blocks (rows keep source/file/row/line)
     render     chat template + loss mask + tokenize + truncation policy + split
-    dedup      keys hash-partitioned across tasks (first occurrence wins); only object references reach the driver
+    dedup      keys of kept rows gathered by large map tasks, bucketed by hash, one reduce task per bucket range (first
+               occurrence wins); only object references reach the driver
     finish     row and line numbers made file-global, duplicates marked
     pack       train: weight, pack | eval: pack       -> ray.data.Dataset each
     every rejected row -> rejects (source, file, row, line, reason, detail, raw)
 
 Nothing is dropped without a trace: for every source, read = kept + rejected (duplicates are a reject reason).
 The data streams through Ray's workers and object store; the driver holds plans, counts and object references,
-and reads blocks no larger than `data.driver_memory_mb` allows. Ray must be initialised by the caller (cluster/
+and reads blocks no larger than `data.driver_memory_mb` allows. Outputs that could be small are made by tasks that
+take many rows (keys, rejects, eval rows): Ray keeps a task's output under 100 KiB in its owner's memory, the driver's,
+so one small piece per block would grow the driver with the data. What still grows with it is Ray's bookkeeping of
+tasks and blocks, about 10 KiB a block. Ray must be initialised by the caller (cluster/
 owns the connection).
 """
 from __future__ import annotations
@@ -420,39 +424,56 @@ def _code(unit, row) -> np.ndarray:
     return (np.asarray(unit, dtype=np.int64) << 32) | np.asarray(row, dtype=np.int64)
 
 
+KEY_BATCH_ROWS = 1 << 18  # rows whose keys one task gathers: its table is large enough to live in the object store
+
+
 def find_duplicates(rendered, partitions: int) -> list:
-    """Duplicate rows as object references to tables (unit, row, first_unit, first_row): the keys are
-    hash-partitioned by map tasks and each partition is sorted by a reduce task, so no key reaches the driver.
-    Order is (source, file, row): units are numbered in that order, so the first occurrence wins."""
+    """Duplicate rows as object references to tables (unit, row, first_unit, first_row); no key reaches the driver.
+
+    Map: tasks of KEY_BATCH_ROWS rows each keep the (bucket, key, unit, row) of kept rows, sorted by bucket (the
+    key's first byte). Reduce: one task per range of buckets takes its slice of every map table, sorts it by key and
+    marks later copies. Order is (source, file, row): units are numbered in that order, so the first occurrence wins.
+
+    Why few large map tables and not one small piece per block and partition: a task's return smaller than Ray's
+    inline limit (100 KiB) is kept in its owner's memory, the driver's here, and copied into every task that takes
+    it; pieces of a few KiB per block would put every key in the driver after all.
+    """
     import ray
 
-    parts = max(2, partitions)
-    split = ray.remote(num_returns=parts)(_partition_keys)
+    parts = max(2, min(256, partitions))
+    tables = rendered.select_columns(["unit", "row", "key", "reason"]).map_batches(
+        _kept_keys, batch_format="pyarrow", batch_size=KEY_BATCH_ROWS).to_arrow_refs()
     reduce = ray.remote(_duplicates_in)
-    mapped = [split.remote(ref, parts) for ref in
-              rendered.select_columns(["unit", "row", "key", "reason"]).to_arrow_refs()]
-    return [reduce.remote(*[m[p] for m in mapped]) for p in range(parts)]
+    return [reduce.remote(p, parts, *tables) for p in range(parts)]
 
 
 _HEX2 = pa.array([f"{i:02x}" for i in range(256)])
 
 
-def _partition_keys(table: pa.Table, parts: int) -> list:
+def _kept_keys(batch: pa.Table) -> pa.Table:
     import pyarrow.compute as pc
 
-    t = table.filter(pc.equal(table["reason"], "")).select(["unit", "row", "key"])
-    # The key is a hash already: its first byte picks the partition.
-    bucket = pc.index_in(pc.utf8_slice_codeunits(t["key"], 0, 2), value_set=_HEX2).to_numpy(zero_copy_only=False)
-    bucket = np.asarray(bucket, dtype=np.int64) % parts
-    return [t.filter(pa.array(bucket == p)) for p in range(parts)]
+    t = batch.filter(pc.equal(batch["reason"], "")).select(["unit", "row", "key"])
+    # The key is a hash already: its first byte is uniform, and picks the bucket.
+    bucket = pc.index_in(pc.utf8_slice_codeunits(t["key"], 0, 2), value_set=_HEX2).cast(pa.int16())
+    return t.append_column("bucket", bucket).sort_by("bucket")
 
 
-def _duplicates_in(*tables: pa.Table) -> pa.Table:
+def _duplicates_in(part: int, parts: int, *tables: pa.Table) -> pa.Table:
     import pyarrow.compute as pc
 
-    t = pa.concat_tables(tables).sort_by([("key", "ascending"), ("unit", "ascending"), ("row", "ascending")])
-    n = t.num_rows
+    lo, hi = -(-part * 256 // parts), -(-(part + 1) * 256 // parts)  # buckets lo..hi-1 belong to this part
+    pieces = []
+    for t in tables:
+        if t.num_rows:
+            b = t["bucket"].to_numpy()
+            start, stop = np.searchsorted(b, lo), np.searchsorted(b, hi)
+            pieces.append(t.slice(start, stop - start).select(["unit", "row", "key"]))
     empty = pa.table({c: pa.array([], type=pa.int64()) for c in ("unit", "row", "first_unit", "first_row")})
+    if not pieces:
+        return empty
+    t = pa.concat_tables(pieces).sort_by([("key", "ascending"), ("unit", "ascending"), ("row", "ascending")])
+    n = t.num_rows
     if n < 2:
         return empty
     keys = t["key"].combine_chunks()
@@ -615,21 +636,39 @@ def prepare(
         "duplicates": duplicates, "offsets": offsets, "files": files}).materialize()
     del duplicates
 
+    report = count_rows(cfg, plans, rendered, tokenizer)
+    totals = report["totals"]
     weights = {p.index: float(p.config["weight"]) for p in plans}
     out = {}
     for split in ("train", "eval"):
-        ds = rendered.map_batches(select_split, batch_format="pyarrow", batch_size=None,
+        # Packing is per batch: train keeps `pack_batch_rows`; the eval split, a small share of each batch, takes
+        # larger batches so that its packed blocks are not tiny (see _rows_per_task).
+        rows = None if split == "train" else max(
+            pack_batch_rows, _rows_per_task(totals["read"], totals["eval_examples"], pack_batch_rows))
+        ds = rendered.map_batches(select_split, batch_format="pyarrow", batch_size=rows,
                                   fn_kwargs={"split": split, "weights": weights, "seed": cfg.seed})
         out[split] = ds.map_batches(
             pack_batch, batch_format="pyarrow", batch_size=pack_batch_rows,
             fn_kwargs={"block_len": cfg.max_seq_length, "pad_id": pad_id, "packing": cfg.packing},
         ).materialize()
-    rejects = rendered.map_batches(_rejected_rows, batch_format="pyarrow", batch_size=None).materialize()
+    rejects = rendered.select_columns(list(REJECT_FIELDS)).map_batches(
+        _rejected_rows, batch_format="pyarrow", batch_size=_rows_per_task(totals["read"], totals["rejected"]),
+    ).materialize()
 
-    report = build_report(cfg, plans, rendered, out["train"], out["eval"], micro_batch_size, tokenizer)
+    add_split_stats(report, cfg, out["train"], out["eval"], micro_batch_size)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     eval_ds = out["eval"] if report["totals"]["eval_examples"] > 0 else None
     return Prepared(out["train"], eval_ds, rejects, report, cfg.packing, pad_id, plans)
+
+
+def _rows_per_task(rows: int, selected: int, want: int = 4096, most: int = 1 << 16) -> int:
+    """Rows one task takes from `rows` so that it outputs about `want` of the `selected` ones.
+
+    A task's output smaller than Ray's inline limit (100 KiB) is kept in the memory of its owner, the driver; one
+    small output per block (a few rejects, a few eval rows) would grow the driver with the data."""
+    if selected <= 0:
+        return BLOCK_ROWS
+    return int(min(most, max(BLOCK_ROWS, rows * want // selected)))
 
 
 def _driver_block_bytes(cfg: DataConfig) -> int:
@@ -641,8 +680,7 @@ def _driver_block_bytes(cfg: DataConfig) -> int:
 def _rejected_rows(batch: pa.Table) -> pa.Table:
     import pyarrow.compute as pc
 
-    t = batch.filter(pc.not_equal(batch["reason"], ""))
-    return t.select(["source", "file", "row", "line", "reason", "detail", "raw"])
+    return batch.filter(pc.not_equal(batch["reason"], "")).select(list(REJECT_FIELDS))
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -680,7 +718,8 @@ def _percentile(hist: np.ndarray, q: float) -> float:
     return v_lo + (v_hi - v_lo) * (pos - lo)
 
 
-def build_report(cfg: DataConfig, plans, rendered, train, eval_, micro_batch_size: int, tokenizer: TokenizerSpec) -> dict:
+def count_rows(cfg: DataConfig, plans, rendered, tokenizer: TokenizerSpec) -> dict:
+    """The report's counts per source, and the sequence lengths of kept rows, summed from per-block summaries."""
     per = {p.index: {
         "name": p.name, "path": p.config["path"], "files": len(p.files),
         "format": "/".join(sorted(set(p.formats.values()))), "schema": p.schema, "schema_note": p.schema_note,
@@ -722,9 +761,12 @@ def build_report(cfg: DataConfig, plans, rendered, train, eval_, micro_batch_siz
         "max": int(np.nonzero(hist)[0][-1]) if n else 0,
         "mean": round(float((np.arange(len(hist)) * hist).sum() / n), 1) if n else 0.0,
     }
+    return report
+
+
+def add_split_stats(report: dict, cfg: DataConfig, train, eval_, micro_batch_size: int) -> None:
     report["splits"] = {name: _split_stats(ds, cfg, micro_batch_size) for name, ds in (("train", train), ("eval", eval_))}
     report["totals"]["train_rows_after_weights"] = report["splits"]["train"]["examples"]
-    return report
 
 
 def _split_stats(ds, cfg: DataConfig, micro_batch_size: int) -> dict:
@@ -756,31 +798,27 @@ REJECT_FIELDS = ("source", "file", "row", "line", "reason", "detail", "raw")
 
 def write_rejects(rejects, path: str) -> int:
     """Every rejected row as one JSON line (source, file, row, line, reason, detail, raw) to a local path or an
-    object-store URI; returns the count. Streamed: the driver holds one batch at a time, of about half the block
-    size its budget allows (`prepare` sets that from data.driver_memory_mb)."""
-    import json
+    object-store URI; returns the count. Ray tasks turn each block into JSON Lines bytes; the driver only copies those
+    bytes to the file, a block at a time, from the object store (no row becomes a Python object in the driver)."""
     import os
     import tempfile
 
-    from ray.data import DataContext
+    import pyarrow.compute as pc
 
     from . import storage
-
-    rows = rejects.count()
-    row_bytes = max(1, (rejects.size_bytes() or 0) // max(1, rows))
-    batch_rows = max(16, min(4096, (DataContext.get_current().target_max_block_size or 128 << 20) // 2 // row_bytes))
 
     remote = storage.is_uri(path)
     if not remote:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     n = 0
     tmp = tempfile.mktemp(suffix=".jsonl") if remote else path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for batch in rejects.iter_batches(batch_format="pyarrow", batch_size=batch_rows, prefetch_batches=0):
-            for row in batch.select(list(REJECT_FIELDS)).to_pylist():
-                row["line"] = None if row["line"] < 0 else row["line"]
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
+    lines = rejects.map_batches(_reject_lines, batch_format="pyarrow", batch_size=None)
+    with open(tmp, "wb", buffering=0) as f:
+        for batch in lines.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+            for blob in batch["lines"].chunks:
+                _write_all(f, _values_buffer(blob))
+            n += int(pc.sum(batch["rows"]).as_py() or 0)
+            del batch
     if remote:
         fs, inner = storage.filesystem(path)
         with open(tmp, "rb") as src, fs.open_output_stream(inner) as dst:
@@ -790,6 +828,29 @@ def write_rejects(rejects, path: str) -> int:
     else:
         os.replace(tmp, path)
     return n
+
+
+def _values_buffer(blob: pa.Array) -> memoryview:
+    """The bytes of every value of a large_binary array, back to back: a view of its data buffer, not a copy."""
+    if len(blob) == 0:
+        return memoryview(b"")
+    offsets = np.frombuffer(blob.buffers()[1], dtype=np.int64)[blob.offset: blob.offset + len(blob) + 1]
+    return memoryview(blob.buffers()[2])[int(offsets[0]): int(offsets[-1])]
+
+
+def _write_all(f, data: memoryview) -> None:
+    while len(data):
+        data = data[f.write(data):]
+
+
+def _reject_lines(batch: pa.Table) -> pa.Table:
+    """A block of rejects -> one row: its JSON Lines bytes and how many rows they hold."""
+    out = []
+    for row in batch.select(list(REJECT_FIELDS)).to_pylist():
+        row["line"] = None if row["line"] < 0 else row["line"]
+        out.append(json.dumps(row, ensure_ascii=False))
+    data = ("\n".join(out) + "\n").encode("utf-8", errors="backslashreplace") if out else b""
+    return pa.table({"lines": pa.array([data], type=pa.large_binary()), "rows": pa.array([len(out)], type=pa.int64())})
 
 
 def format_report(report: dict) -> str:

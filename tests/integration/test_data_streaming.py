@@ -5,7 +5,8 @@ The memory is measured in a fresh driver process (connected to the test session'
 allocations count. Every 5 ms while `prepare` and `write_rejects` run, it reads its own /proc status: VmRSS, and
 RssShmem, the object store's shared pages it has mapped while reading blocks (the object store's memory, which Ray
 bounds and accounts for, not the driver's). The driver's own memory is the rest (RssAnon + RssFile); its peak growth
-over the value before the run is compared with the budget, and both figures are printed.
+over the value before the run is compared with half the budget, and both figures are printed. Blocks smaller than
+Ray's inline limit are counted too: Ray keeps those in the memory of their owner, the driver.
 """
 import json
 import os
@@ -132,10 +133,14 @@ PROBE = textwrap.dedent("""
         stop.set()
         t.join()
         top_rss, top_own = max(p[0] for p in peak), max(p[1] for p in peak)
+        small_blocks = {name: sum(m.size_bytes < 100_000 for b in ds.iter_internal_ref_bundles() for m in b.metadata)
+                        for name, ds in (("train", prepared.train), ("eval", prepared.eval),
+                                         ("rejects", prepared.rejects)) if ds is not None}
         return {"own_before_mb": before[1] / 2**20, "own_peak_mb": top_own / 2**20,
                 "own_growth_mb": (top_own - before[1]) / 2**20, "rss_before_mb": before[0] / 2**20,
                 "rss_peak_mb": top_rss / 2**20, "rss_growth_mb": (top_rss - before[0]) / 2**20,
-                "rows": prepared.report["totals"]["read"], "rejects": n, "bytes": os.path.getsize(path)}
+                "rows": prepared.report["totals"]["read"], "rejects": n, "bytes": os.path.getsize(path),
+                "small_blocks": small_blocks}
 
     run(small, "warm-up")  # imports, the tokenizer, Ray Data's first execution: not data
     result = {"small": run(small, "small"), "big": run(big, "big")}
@@ -143,12 +148,6 @@ PROBE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "not flat yet: at a 32 MiB budget the driver's own memory grew by 32 MiB (blocks of budget/8) and 46 MiB "
-    "(budget/4) while preparing the 128 MiB file, against 1-2 MiB for the 2 MiB file; where it goes is not yet "
-    "located (prepare itself measured +8 MiB, the rest while reading blocks). Not strict: the big file's growth sits at the "
-    "budget (32 MiB measured against < 32), so it may pass by a hair on a quiet machine; remove this mark once it "
-    "passes with a margin"))
 def test_the_driver_memory_stays_within_its_budget_on_a_file_four_times_larger(ray_local, tiny_model_dir, big_file):
     small = big_file["root"] / "small.jsonl"
     write_jsonl(small, 2 << 20, seed=1)
@@ -162,5 +161,9 @@ def test_the_driver_memory_stays_within_its_budget_on_a_file_four_times_larger(r
     big, small_run = result["big"], result["small"]
     assert big["bytes"] >= 4 * (BUDGET_MB << 20)
     assert big["rows"] > 50 * small_run["rows"] and big["rejects"] > 0
-    assert big["own_growth_mb"] < BUDGET_MB, result  # the driver's own peak over its memory before the run
-    assert big["own_peak_mb"] - small_run["own_peak_mb"] < BUDGET_MB, result  # flat: 60x the rows
+    # The driver's own peak over its memory before the run: measured 5-8 MiB here (1-2 MiB for the small file),
+    # where gathering keys and reject rows through the driver had grown it by 28-30 MiB.
+    assert big["own_growth_mb"] < BUDGET_MB / 2, result
+    assert big["own_peak_mb"] - small_run["own_peak_mb"] < BUDGET_MB / 2, result  # flat: 60x the rows
+    # Blocks under Ray's inline limit live in the memory of their owner, the driver: none but a last one per dataset.
+    assert all(n <= 1 for n in big["small_blocks"].values()), result
