@@ -19,7 +19,10 @@ monitor) and terminates it by killing them. `local_autoscaler_config` builds tha
 - each worker node carries the label `rayft.io/node-type` with its type's name, so `ray.nodes()` shows which type
   the autoscaler started.
 - nothing of the cloud is kept: no region, node_config, docker, setup or start commands (the schema wants the
-  command fields, empty).
+  command fields, empty). The head's autoscaler runs the scorer cluster.yaml sets on its head, if any
+  (`local_head_env`: spot first, on-demand when spot is short, cluster/autoscaler_policy.py).
+- `unavailable_node_types` rehearses a capacity shortage: launching one of them fails as AWS fails a spot request
+  it cannot fill (a NodeLaunchException, InsufficientInstanceCapacity), and the autoscaler records it.
 
 The provider is `LocalNodeProvider`, Ray's `FakeMultiNodeProvider` with one change: each node it starts gets its
 own temp dir and the head's address. Ray's provider gives its nodes neither, so they share the head's temp dir
@@ -39,9 +42,22 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from ray._private import ray_constants
+from ray._private.node import Node
+from ray._private.parameter import RayParams
 from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+from ray.autoscaler.node_launch_exception import NodeLaunchException
+from ray.autoscaler.tags import (
+    NODE_KIND_WORKER,
+    STATUS_UP_TO_DATE,
+    TAG_RAY_NODE_KIND,
+    TAG_RAY_NODE_NAME,
+    TAG_RAY_NODE_STATUS,
+    TAG_RAY_USER_NODE_TYPE,
+)
 
-from .cluster_yaml import DEFAULT_CLUSTER_YAML, load_cluster_yaml
+from .autoscaler_policy import SCORER_ENV, scorer_in
+from .cluster_yaml import DEFAULT_CLUSTER_YAML, ClusterYamlError, load_cluster_yaml
 
 # The provider tags its head node with this type name, whatever the config calls it.
 HEAD_TYPE = "ray.head.default"
@@ -60,12 +76,18 @@ _EMPTY_FIELDS = {
 
 def local_autoscaler_config(gcs_address: str, nodes_temp_dir: str | Path,
                             cluster_yaml: str | Path = DEFAULT_CLUSTER_YAML,
-                            idle_timeout_minutes: Optional[float] = None) -> dict:
+                            idle_timeout_minutes: Optional[float] = None,
+                            unavailable_node_types: tuple[str, ...] = ()) -> dict:
     """The `--autoscaling-config` of a local head at `gcs_address` (host:port) for the node types of
     `cluster_yaml` (validated first, as `ray up` does); worker node N keeps its files in `nodes_temp_dir`/N.
     Raises ClusterYamlError for a file `ray up` would refuse."""
     prepared = load_cluster_yaml(cluster_yaml)
     head_name = prepared["head_node_type"]
+    workers = set(prepared["available_node_types"]) - {head_name}
+    unknown = sorted(set(unavailable_node_types) - workers)
+    if unknown:
+        raise ClusterYamlError(f"{cluster_yaml}: unavailable_node_types {unknown}: not worker types of this file; "
+                               f"use some of {sorted(workers)}")
     types: dict = {HEAD_TYPE: {"resources": dict(head_resources(prepared)), "node_config": {}, "max_workers": 0}}
     for name, nt in prepared["available_node_types"].items():
         if name == head_name:
@@ -88,6 +110,7 @@ def local_autoscaler_config(gcs_address: str, nodes_temp_dir: str | Path,
             "module": PROVIDER_MODULE,
             "gcs_address": gcs_address,
             "nodes_temp_dir": str(nodes_temp_dir),
+            "unavailable_node_types": list(unavailable_node_types),
             # The provider names nodes by their (deterministic) node id; the autoscaler must key them the same way.
             "use_node_id_as_ip": True,
             # No SSH: the provider starts the raylet itself.
@@ -100,43 +123,45 @@ def local_autoscaler_config(gcs_address: str, nodes_temp_dir: str | Path,
     }
 
 
+def local_head_env(cluster_yaml: str | Path = DEFAULT_CLUSTER_YAML) -> dict:
+    """The environment of the local head's `ray start --head`: the fake provider's switch, loopback addresses
+    (otherwise `ray start` turns a loopback --node-ip-address into the machine's routed address), and the
+    autoscaler's scorer if cluster.yaml sets one on its head."""
+    env = {"RAY_FAKE_CLUSTER": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    scorer = scorer_in(load_cluster_yaml(cluster_yaml))
+    if scorer:
+        env[SCORER_ENV] = scorer
+    return env
+
+
 def head_resources(prepared: dict) -> dict:
     """The head type's resources (`ray start --head` takes them as --num-cpus, --num-gpus, --resources)."""
     return dict(prepared["available_node_types"][prepared["head_node_type"]].get("resources", {}))
 
 
 class LocalNodeProvider(FakeMultiNodeProvider):
-    """Ray's fake multi-node provider; each node it starts has its own temp dir and the head's IP address.
+    """Ray's fake multi-node provider; each node it starts has its own temp dir and the head's IP address, and
+    launching a type listed in the provider's `unavailable_node_types` fails as a cloud without capacity fails.
 
-    Runs in the head's monitor process (`ray start --head` with RAY_FAKE_CLUSTER=1). The node is created as
-    `FakeMultiNodeProvider._create_node_with_resources_and_labels` does in Ray 2.60, plus `temp_dir` and
+    Runs in the head's monitor process (`ray start --head` with RAY_FAKE_CLUSTER=1). A node is started as
+    `FakeMultiNodeProvider._create_node_with_resources_and_labels` starts it in Ray 2.60, plus `temp_dir` and
     `node_ip_address`."""
 
     def _create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
-        import ray._private.node
-        import ray._private.parameter
-        from ray._private import ray_constants
-        from ray.autoscaler.tags import (
-            NODE_KIND_WORKER,
-            STATUS_UP_TO_DATE,
-            TAG_RAY_NODE_KIND,
-            TAG_RAY_NODE_NAME,
-            TAG_RAY_NODE_STATUS,
-            TAG_RAY_USER_NODE_TYPE,
-        )
-
+        node_type = tags[TAG_RAY_USER_NODE_TYPE]
+        if node_type in self.provider_config.get("unavailable_node_types", []):
+            raise NodeLaunchException("InsufficientInstanceCapacity",
+                                      f"no capacity for {node_type} (a rehearsed shortage)", None)
         resources = copy.deepcopy(resources)
         with self.lock:
-            node_type = tags[TAG_RAY_USER_NODE_TYPE]
             next_id = self._next_hex_node_id()
-            host = self._gcs_address.rsplit(":", 1)[0]
-            ray_params = ray._private.parameter.RayParams(
+            ray_params = RayParams(
                 min_worker_port=0, max_worker_port=0, dashboard_port=None, dashboard_agent_listen_port=0,
                 num_cpus=resources.pop("CPU", 0), num_gpus=resources.pop("GPU", 0),
                 object_store_memory=resources.pop("object_store_memory", None),
                 resources=resources, labels=labels,
                 redis_address=self._gcs_address, gcs_address=self._gcs_address,
-                node_ip_address=host,
+                node_ip_address=self._gcs_address.rsplit(":", 1)[0],
                 temp_dir=os.path.join(self.provider_config["nodes_temp_dir"], str(self._next_node_id)),
                 env_vars={
                     "RAY_OVERRIDE_NODE_ID_FOR_TESTING": next_id,
@@ -146,7 +171,7 @@ class LocalNodeProvider(FakeMultiNodeProvider):
                     ray_constants.LABELS_ENVIRONMENT_VARIABLE: json.dumps(labels),
                 },
             )
-            node = ray._private.node.Node(ray_params, head=False, shutdown_at_exit=False, spawn_reaper=False)
+            node = Node(ray_params, head=False, shutdown_at_exit=False, spawn_reaper=False)
             all_tags = {TAG_RAY_NODE_KIND: NODE_KIND_WORKER, TAG_RAY_USER_NODE_TYPE: node_type,
                         TAG_RAY_NODE_NAME: next_id, TAG_RAY_NODE_STATUS: STATUS_UP_TO_DATE}
             all_tags.update(tags)

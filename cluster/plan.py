@@ -344,11 +344,12 @@ class Option:
         return self.nodes is not None and self.fits_memory
 
 
-def rank_options(cfg, plan: MemoryPlan, types) -> list[Option]:
+def rank_options(cfg, plan: MemoryPlan, types, spot_first: bool = False) -> list[Option]:
     """Every GPU worker type with whether the config fits it; the best first.
 
     Best: fits; then no idle GPUs on the nodes it takes; then fewer nodes (workers talk over NVLink
-    inside a node); then on-demand before spot; then the smaller GPU.
+    inside a node); then on-demand before spot, or spot first where the cluster's autoscaler starts spot first
+    (cluster/autoscaler_policy.py); then the smaller GPU.
     """
     from .cluster_yaml import fitting_worker_types
 
@@ -366,16 +367,16 @@ def rank_options(cfg, plan: MemoryPlan, types) -> list[Option]:
 
     def key(o: Option):
         idle = (o.nodes * o.gpus_per_node - cfg.train.num_workers) if o.nodes else 10**6
-        return (not o.fits, idle, o.nodes or 10**6, o.spot, o.gpu_memory_gib)
+        return (not o.fits, idle, o.nodes or 10**6, o.spot != spot_first, o.gpu_memory_gib)
 
     return sorted(options, key=key)
 
 
-def rank_cpu_options(cfg, types) -> list[Option]:
+def rank_cpu_options(cfg, types, spot_first: bool = False) -> list[Option]:
     """For CPU training (train.use_gpu false): every worker type without GPUs, with whether the workers fit its
     CPUs; the best first. GPU types are left out as Ray's autoscaler leaves them out: it starts a GPU node only for
     work that asks for a GPU (AUTOSCALER_CONSERVE_GPU_NODES). Best: fits; then fewer nodes; then on-demand before
-    spot; then the fewest idle CPUs (the autoscaler also prefers the type the request fills most).
+    spot (spot first with the spot-first autoscaler); then the fewest idle CPUs (the autoscaler also prefers the type the request fills most).
     Host memory is not checked: cluster.yaml does not say how much a node type has."""
     from .cluster_yaml import fitting_worker_types
 
@@ -388,7 +389,7 @@ def rank_cpu_options(cfg, types) -> list[Option]:
 
     def key(o: Option):
         idle = (o.nodes * o.cpus_per_node - t.num_workers * t.cpus_per_worker) if o.nodes else 10**6
-        return (not o.fits, o.nodes or 10**6, o.spot, idle)
+        return (not o.fits, o.nodes or 10**6, o.spot != spot_first, idle)
 
     return sorted(options, key=key)
 
@@ -489,7 +490,7 @@ def format_plan(cfg, shape: ModelShape, plan: MemoryPlan, options: list[Option],
     lines.append("")
     if best:
         lines.append(f"recommended: {best.worker_type} ({best.instance_type}) x {best.nodes} node(s) for "
-                     f"{t.num_workers} worker(s), training in {dtype_label(best.dtype)}")
+                     f"{t.num_workers} worker(s), training in {dtype_label(best.dtype)}{_fallback_note(options, best)}")
     else:
         lines.append("no worker type fits this config as written; settings that would fit the largest GPU:")
         lines += [f"  - {h}" for h in hints]
@@ -508,11 +509,27 @@ def _cpu_recommendation(t, options: list[Option], cluster_path: str) -> list[str
     lines.append("")
     if best:
         lines.append(f"recommended: {best.worker_type} ({best.instance_type}) x {best.nodes} node(s) for "
-                     f"{t.num_workers} worker(s)")
+                     f"{t.num_workers} worker(s){_fallback_note(options, best)}")
     else:
         lines.append("no CPU worker type holds these workers; lower train.num_workers or train.cpus_per_worker, "
                      "or add a CPU node type (or raise its max_workers) in the cluster config")
     return lines
+
+
+def on_demand_fallback(options: list[Option], best: Option) -> Optional[Option]:
+    """The on-demand twin the autoscaler starts when `best`, a spot type, cannot be launched (same instance
+    type, fits as well); None for an on-demand `best` or a spot type without a twin."""
+    if not best.spot:
+        return None
+    return next((o for o in options if o.fits and not o.spot and o.instance_type == best.instance_type
+                 and o.nodes == best.nodes), None)
+
+
+def _fallback_note(options: list[Option], best: Option) -> str:
+    twin = on_demand_fallback(options, best)
+    if twin:
+        return f"; spot, with {twin.worker_type} (on-demand) when spot capacity is short"
+    return "; spot, with no on-demand twin to fall back on" if best.spot else ""
 
 
 def _dtype_note(cfg, o: Option, plan: MemoryPlan) -> str:
@@ -538,15 +555,18 @@ def _count(n: int) -> str:
 def make_plan(cfg, cluster_path, device: Optional[str] = None) -> dict:
     """Everything `rayft plan` prints, as data (for --json and the tests). `device`: gpu or cpu (host memory of a
     CPU worker); default from train.use_gpu."""
+    from .autoscaler_policy import spot_first
     from .cluster_yaml import load_cluster_yaml, worker_types
 
     shape = read_model_shape(cfg.model, cfg.train.lora)
     plan = estimate_memory(cfg, shape, device=device)
-    types = worker_types(load_cluster_yaml(cluster_path), str(cluster_path))
+    cluster = load_cluster_yaml(cluster_path)
+    types = worker_types(cluster, str(cluster_path))
+    prefer_spot = spot_first(cluster)
     if plan.device == "gpu":
-        options = rank_options(cfg, plan, types)
+        options = rank_options(cfg, plan, types, prefer_spot)
     else:  # CPU training is placed on a CPU type; a --device cpu plan of a GPU config recommends nothing
-        options = [] if cfg.train.use_gpu else rank_cpu_options(cfg, types)
+        options = [] if cfg.train.use_gpu else rank_cpu_options(cfg, types, prefer_spot)
     hints = [] if any(o.fits for o in options) or plan.device == "cpu" or not cfg.train.use_gpu \
         else suggestions(cfg, shape, types)
     return {"shape": shape, "plan": plan, "options": options, "hints": hints,
@@ -559,7 +579,9 @@ def plan_json(result: dict) -> dict:
         "model": asdict(result["shape"]),
         "memory_per_gpu_bytes": result["plan"].as_dict(),
         "options": [dict(asdict(o), fits=o.fits) for o in result["options"]],
-        "recommended": None if best is None else {"worker_type": best.worker_type, "nodes": best.nodes},
+        "recommended": None if best is None else {
+            "worker_type": best.worker_type, "nodes": best.nodes,
+            "fallback": getattr(on_demand_fallback(result["options"], best), "worker_type", None)},
         "suggestions": result["hints"],
     }
 

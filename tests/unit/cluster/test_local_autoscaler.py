@@ -5,8 +5,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rayft.cluster.autoscaler_policy import SCORER_ENV, SPOT_FIRST_SCORER
 from rayft.cluster.cluster_yaml import ClusterYamlError, load_cluster_yaml
-from rayft.cluster.local_autoscaler import HEAD_TYPE, NODE_TYPE_LABEL, PROVIDER_MODULE, local_autoscaler_config
+from rayft.cluster.local_autoscaler import (
+    HEAD_TYPE,
+    NODE_TYPE_LABEL,
+    PROVIDER_MODULE,
+    local_autoscaler_config,
+    local_head_env,
+)
 
 ROOT = Path(__file__).resolve().parents[3]
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -52,3 +59,16 @@ def test_a_file_ray_up_refuses_is_refused(tmp_path):
     bad.write_text(yaml.safe_dump(raw))
     with pytest.raises(ClusterYamlError, match="cpu-16.max_workers"):
         local_autoscaler_config("127.0.0.1:6380", "/tmp/nodes", bad)
+
+
+def test_the_head_runs_the_scorer_cluster_yaml_sets_and_a_shortage_can_be_rehearsed(tmp_path):
+    env = local_head_env(CLUSTER_YAML)
+    assert env[SCORER_ENV] == SPOT_FIRST_SCORER and env["RAY_FAKE_CLUSTER"] == "1"
+    plain = tmp_path / "cluster.yaml"
+    plain.write_text(CLUSTER_YAML.read_text().replace(f"{SCORER_ENV}={SPOT_FIRST_SCORER}", ""))
+    assert SCORER_ENV not in local_head_env(plain)
+    config = local_autoscaler_config("127.0.0.1:6380", "/tmp/nodes", CLUSTER_YAML,
+                                     unavailable_node_types=("gpu-1x-a10g-spot",))
+    assert config["provider"]["unavailable_node_types"] == ["gpu-1x-a10g-spot"]
+    with pytest.raises(ClusterYamlError, match="not worker types"):
+        local_autoscaler_config("127.0.0.1:6380", "/tmp/nodes", CLUSTER_YAML, unavailable_node_types=("head",))

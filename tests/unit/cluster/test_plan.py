@@ -157,11 +157,20 @@ def test_tokens_per_step_and_dtype(shapes):
     assert q4.frozen_weights < 0.45 * estimate_memory(_cfg(d, "train.deepspeed.zero_stage=2"), shape).frozen_weights
 
 
-def test_recommends_the_4_gpu_node_for_the_shipped_example(qwen_dir):
+def test_recommends_the_4_gpu_node_for_the_shipped_example(qwen_dir, tmp_path):
+    # The shipped cluster's autoscaler starts spot first (cluster/autoscaler_policy.py): the spot twin, then on-demand.
     result = make_plan(_cfg(qwen_dir), ROOT / "cluster.yaml")
     rec = plan_json(result)["recommended"]
-    assert rec == {"worker_type": "gpu-4x-a10g", "nodes": 1}
-    assert "recommended: gpu-4x-a10g (g5.12xlarge) x 1 node(s)" in result["text"]
+    assert rec == {"worker_type": "gpu-4x-a10g-spot", "nodes": 1, "fallback": "gpu-4x-a10g"}
+    assert "recommended: gpu-4x-a10g-spot (g5.12xlarge) x 1 node(s)" in result["text"]
+    assert "spot, with gpu-4x-a10g (on-demand) when spot capacity is short" in result["text"]
+    # Without the spot-first scorer Ray's autoscaler starts the on-demand type, and the plan says so.
+    text = (ROOT / "cluster.yaml").read_text()
+    scorer = "RAY_AUTOSCALER_UTILIZATION_SCORER=rayft.cluster.autoscaler_policy.spot_first_scorer"
+    assert scorer in text
+    (tmp_path / "cluster.yaml").write_text(text.replace(scorer, ""))
+    plain = plan_json(make_plan(_cfg(qwen_dir), tmp_path / "cluster.yaml"))["recommended"]
+    assert plain == {"worker_type": "gpu-4x-a10g", "nodes": 1, "fallback": None}
     assert "activations (checkpointed)" in result["text"] and "tokens per step: 131,072" in result["text"]
 
 
@@ -186,7 +195,7 @@ def test_rayft_plan_command(qwen_dir, tmp_path, capsys):
 
     assert main(["plan", str(GPU_EXAMPLE), "--set", f"model.name_or_path={qwen_dir}", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["recommended"] == {"worker_type": "gpu-4x-a10g", "nodes": 1}
+    assert out["recommended"] == {"worker_type": "gpu-4x-a10g-spot", "nodes": 1, "fallback": "gpu-4x-a10g"}
     assert out["memory_per_gpu_bytes"]["tokens_per_step"] == 131072
     assert out["model"]["trainable_params"] == 18_464_768
 
@@ -217,12 +226,12 @@ def test_cpu_training_recommends_a_cpu_worker_type(qwen_dir, tmp_path):
     cfg = _cfg(qwen_dir, "train.use_gpu=false", "train.num_workers=2", "train.cpus_per_worker=4",
                "train.global_batch_size=null")
     result = make_plan(cfg, ROOT / "cluster.yaml")
-    assert plan_json(result)["recommended"] == {"worker_type": "cpu-16", "nodes": 1}
+    assert plan_json(result)["recommended"] == {"worker_type": "cpu-16", "nodes": 1, "fallback": None}
     assert [o.worker_type for o in result["options"]] == ["cpu-16"]
     assert "recommended: cpu-16 (m6i.4xlarge) x 1 node(s) for 2 worker(s)" in result["text"]
     more = make_plan(_cfg(qwen_dir, "train.use_gpu=false", "train.num_workers=8", "train.cpus_per_worker=4",
                           "train.global_batch_size=null"), ROOT / "cluster.yaml")
-    assert plan_json(more)["recommended"] == {"worker_type": "cpu-16", "nodes": 2}
+    assert plan_json(more)["recommended"] == {"worker_type": "cpu-16", "nodes": 2, "fallback": None}
     # more workers than max_workers nodes of the type hold: none fits, and the plan says what to change
     none = make_plan(_cfg(qwen_dir, "train.use_gpu=false", "train.num_workers=32", "train.cpus_per_worker=4",
                           "train.global_batch_size=null"), ROOT / "cluster.yaml")
