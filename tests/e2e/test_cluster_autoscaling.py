@@ -251,6 +251,12 @@ def test_gpu_configs_get_the_planned_spot_type_or_its_fallback_and_a_reclaim_dra
     assert "InsufficientInstanceCapacity" in status_text, status_text
     on_demand = [n for n in cluster.nodes() if n["type"] == expected["1 gpu"]]
     _wait_idle_removal(cluster, on_demand, submitted_at)
+    failed_at = events["failures"][0][0]
+    (fallback_at, _, fallback_requested), (spot_at, _, spot_requested) = events["launches"]
+    print(f"\n{UNAVAILABLE[0]} refused {failed_at - submitted_at:.0f} s after submission; {expected['1 gpu']} "
+          f"requested {fallback_requested - failed_at:.1f} s after the refusal, started {fallback_at - fallback_requested:.1f} s "
+          f"later; {expected['4 gpus']} requested {spot_requested - submitted_at:.0f} s after submission, started "
+          f"{spot_at - spot_requested:.1f} s later")
 
 
 def _wait_for_log(client, job_id: str, marker: str, timeout_s: float) -> str:
