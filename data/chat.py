@@ -27,6 +27,8 @@ from __future__ import annotations
 import json
 from typing import Optional, Sequence
 
+import numpy as np
+
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 TOOL_RESPONSE_START, TOOL_RESPONSE_END = "<tool_response>", "</tool_response>"
@@ -220,6 +222,11 @@ def tokenize_segments(batch: Sequence[Segments], tokenizer) -> list[tuple[list[i
     token is trained on when it starts inside a trainable segment. A slow tokenizer (no offsets)
     tokenizes segment by segment.
     """
+    return [(ids.tolist(), mask.tolist()) for ids, mask in tokenize_segments_arrays(batch, tokenizer)]
+
+
+def tokenize_segments_arrays(batch: Sequence[Segments], tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`tokenize_segments` as numpy arrays (int32 ids, int8 mask): what the data pipeline stores."""
     if not batch:
         return []
     if getattr(tokenizer, "is_fast", False):
@@ -229,20 +236,17 @@ def tokenize_segments(batch: Sequence[Segments], tokenizer) -> list[tuple[list[i
     out = []
     k = 0
     for segs in batch:
-        input_ids: list[int] = []
-        mask: list[int] = []
+        pieces, marks = [], []
         for _, trainable in segs:
-            piece = ids[k]
+            pieces.append(np.asarray(ids[k], dtype=np.int32))
+            marks.append(np.full(len(ids[k]), 1 if trainable else 0, dtype=np.int8))
             k += 1
-            input_ids.extend(piece)
-            mask.extend([1 if trainable else 0] * len(piece))
-        out.append((input_ids, mask))
+        out.append((np.concatenate(pieces) if pieces else np.zeros(0, np.int32),
+                    np.concatenate(marks) if marks else np.zeros(0, np.int8)))
     return out
 
 
-def _tokenize_with_offsets(batch: Sequence[Segments], tokenizer) -> list[tuple[list[int], list[int]]]:
-    import numpy as np
-
+def _tokenize_with_offsets(batch: Sequence[Segments], tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
     texts, bounds = [], []
     for segs in batch:
         pos, b = 0, []
@@ -253,23 +257,64 @@ def _tokenize_with_offsets(batch: Sequence[Segments], tokenizer) -> list[tuple[l
         texts.append("".join(t for t, _ in segs))
         bounds.append(b)
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        # The Rust tokenizer that the transformers wrapper calls, without building unused fields.
-        encs = backend.encode_batch(texts, add_special_tokens=False)
-        pairs = ((e.ids, e.offsets) for e in encs)
-    else:
-        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        pairs = zip(enc["input_ids"], enc["offset_mapping"])
     out = []
-    for (ids, offsets), b in zip(pairs, bounds):
-        if not ids:
-            out.append(([], []))
-            continue
-        starts = np.asarray(offsets, dtype=np.int64)[:, 0]
-        # bounds are [s0, e0, s1, e1, ...]; a start inside [s, e) lands at an odd insertion index.
-        idx = np.searchsorted(np.asarray(b, dtype=np.int64), starts, side="right")
-        out.append((list(ids), (idx % 2).astype(np.int8).tolist()))
+    if backend is not None:
+        # The Rust tokenizer that the transformers wrapper calls, without building unused fields. The mask needs the
+        # first token starting at or after each segment bound, a few lookups per row; every token's offsets as Python
+        # tuples would cost as much as the tokenization itself.
+        for e, b, text in zip(backend.encode_batch(texts, add_special_tokens=False), bounds, texts):
+            ids = np.asarray(e.ids, dtype=np.int32)
+            mask = _mask_at_bounds(e, b, len(ids), len(text))
+            if mask is None:
+                mask = _mask_from_starts(np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)[:, 0], b)
+            out.append((ids, mask))
+        return out
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    for ids, offsets, b in zip(enc["input_ids"], enc["offset_mapping"], bounds):
+        out.append((np.asarray(ids, dtype=np.int32),
+                    _mask_from_starts(np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0], b)))
     return out
+
+
+def _mask_from_starts(starts, bounds: list[int]):
+    # bounds are [s0, e0, s1, e1, ...]; a start inside [s, e) lands at an odd insertion index.
+    idx = np.searchsorted(np.asarray(bounds, dtype=np.int64), starts, side="right")
+    return (idx % 2).astype(np.int8)
+
+
+def _mask_at_bounds(enc, bounds: list[int], n: int, text_len: int):
+    """The loss mask from the first token starting at or after each bound (tokens that start inside a trainable
+    segment are trained on); None where the encoding cannot say (a character no token covers, a token without
+    offsets), and the caller reads every token's offsets instead."""
+    mask = np.zeros(n, dtype=np.int8)
+    cuts = []
+    for pos in bounds:
+        if pos >= text_len:
+            cuts.append(n)
+            continue
+        t = enc.char_to_token(pos)
+        if t is None:
+            return None
+        # Several tokens may share a start (the bytes of one character): step to the first one starting at pos or
+        # after it.
+        while t > 0:
+            prev = enc.token_to_chars(t - 1)
+            if prev is None:
+                return None
+            if prev[0] < pos:
+                break
+            t -= 1
+        while t < n:
+            cur = enc.token_to_chars(t)
+            if cur is None:
+                return None
+            if cur[0] >= pos:
+                break
+            t += 1
+        cuts.append(t)
+    for s, e in zip(cuts[::2], cuts[1::2]):
+        mask[s:e] = 1
+    return mask
 
 
 def render_conversation(messages: Sequence[dict], tokenizer, chat_template: Optional[str] = None,

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import pyarrow as pa
 
-from .chat import fit_conversation, render_segments, tokenize_segments
+from .chat import fit_conversation, render_segments, tokenize_segments_arrays
 from .config import DataConfig, SourceConfig
 from .formats import (
     SourceError,
@@ -377,13 +377,16 @@ def render_batch(batch: pa.Table, spec: TokenizerSpec, cfg: dict, split_of: dict
     source_idx = batch["source_idx"].to_pylist()
     keys = batch["key"].to_pylist()
     todo = [i for i in range(n) if not reason[i]]
-    messages_col = batch["messages"]
-    tools_col = batch["tools"]
-    convs = [json.loads(messages_col[i].as_py()) for i in todo]
-    tools = [json.loads(t) if (t := tools_col[i].as_py()) else None for i in todo]
-    rendered = tokenize_segments([render_segments(m, tok, cfg["chat_template"], tools=t) for m, t in zip(convs, tools)], tok)
-    input_ids: list = [[] for _ in range(n)]
-    masks: list = [[] for _ in range(n)]
+    messages_col = batch["messages"].to_pylist()
+    tools_col = batch["tools"].to_pylist()
+    convs = [json.loads(messages_col[i]) for i in todo]
+    tools = [json.loads(t) if (t := tools_col[i]) else None for i in todo]
+    del messages_col, tools_col
+    rendered = tokenize_segments_arrays(
+        [render_segments(m, tok, cfg["chat_template"], tools=t) for m, t in zip(convs, tools)], tok)
+    none = np.zeros(0, dtype=np.int32)
+    input_ids: list = [none] * n
+    masks: list = [none] * n
     truncated = [False] * n
     split = [""] * n
     for i, messages, row_tools, (ids, mask) in zip(todo, convs, tools, rendered):
@@ -394,7 +397,7 @@ def render_batch(batch: pa.Table, spec: TokenizerSpec, cfg: dict, split_of: dict
         if ids is None:
             reason[i], detail[i] = "too_long", why
             continue
-        if not any(mask):
+        if not np.any(mask):
             reason[i], detail[i] = "empty_content", "no assistant token after rendering"
             continue
         input_ids[i], masks[i], truncated[i] = ids, mask, cut
@@ -405,8 +408,8 @@ def render_batch(batch: pa.Table, spec: TokenizerSpec, cfg: dict, split_of: dict
             split[i] = "eval" if _unit_hash(cfg["seed"], "split", keys[i]) < cfg["eval_fraction"] else "train"
     out = batch.drop_columns(["messages", "tools", "reason", "detail"])  # from here on a kept row carries tokens, not text
     lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=n)
-    flat_ids = np.fromiter((t for x in input_ids for t in x), dtype=np.int32, count=int(lengths.sum()))
-    flat_mask = np.fromiter((t for x in masks for t in x), dtype=np.int8, count=int(lengths.sum()))
+    flat_ids = np.concatenate(input_ids).astype(np.int32, copy=False) if n else none
+    flat_mask = np.concatenate(masks).astype(np.int8, copy=False) if n else none.astype(np.int8)
     for name, values in (
         ("reason", pa.array(reason, type=pa.string())), ("detail", pa.array(detail, type=pa.string())),
         ("input_ids", _list_array(flat_ids, lengths, pa.int32())), ("loss_mask", _list_array(flat_mask, lengths, pa.int8())),
@@ -623,6 +626,10 @@ def prepare(
             read_units, batch_format="pyarrow", batch_size=1,
             fn_kwargs={"plans": plan_of, "redact_pii": cfg.redact_pii, "raw_limit": cfg.rejects_sample_chars,
                        "counts": counts, "filesystems": {p.index: _filesystem_of(p.files) for p in plans}},
+            # Its own operator, not fused with rendering (Ray Data fuses map steps of the same concurrency): the
+            # tokenizing, most of the work, then spreads over every block rather than over the read units, which
+            # may be fewer than the CPUs (a CSV file or a JSON array is one unit).
+            concurrency=len(units),
         ).map_batches(render_batch, batch_format="pyarrow", batch_size=BLOCK_ROWS,
                       fn_kwargs={"spec": tokenizer, "cfg": conf, "split_of": split_of}).materialize()
         offsets = unit_offsets(units, ray.get(counts.get.remote()))
