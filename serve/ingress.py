@@ -44,6 +44,26 @@ def request_error(e: ValidationError) -> APIError:
     return APIError(400, f"{where}: {err['msg']} (got {value})", param=where, code="invalid_value")
 
 
+def malformed_request(cls, body: dict, exc: Exception) -> APIError:
+    """A body vLLM's request model could not even read: a 400 naming the first field whose value is not of its type
+    (checked field by field, without the model's validators), else one that says the body is malformed."""
+    from pydantic import TypeAdapter
+
+    for name, value in body.items():
+        field = cls.model_fields.get(name)
+        if field is None:
+            continue
+        try:
+            TypeAdapter(field.annotation).validate_python(value)
+        except ValidationError as e:
+            return request_error(ValidationError.from_exception_data(
+                e.title, [{**err, "loc": (name, *err["loc"])} for err in e.errors(include_url=False)]))
+        except Exception:  # noqa: BLE001 - a type pydantic cannot check alone: look at the next field
+            continue
+    return APIError(400, f"the request body could not be read as a {cls.__name__} ({type(exc).__name__}: {exc}); "
+                    f"check the fields' types against /openapi.json", code="invalid_value")
+
+
 def _is_error(item) -> bool:
     return type(item).__name__ == "ErrorResponse" or (isinstance(item, dict) and "error" in item)
 
@@ -97,6 +117,22 @@ def _sse_packet(item, usage: dict, send_usage: bool) -> str:
     return "".join(out)
 
 
+def request_body_doc(chat: bool) -> dict:
+    """/openapi.json's request body of a generation route: vLLM's request model as the ingress takes it (`model`
+    required, no field outside the model's), so that clients and fuzzers see the real body."""
+    try:
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+    except ImportError:  # no vLLM here: the routes stay undocumented, nothing else changes
+        return {}
+    from .schemas import openapi_request_body
+
+    doc = openapi_request_body(ChatCompletionRequest if chat else CompletionRequest)
+    schema = doc["requestBody"]["content"]["application/json"]["schema"]
+    schema["required"] = sorted({"model", *schema.get("required", [])})
+    schema["additionalProperties"] = False
+    return doc
+
+
 @serve.deployment(name="rayft-ingress", ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(api)
 class LLMIngress:
@@ -109,6 +145,10 @@ class LLMIngress:
         self.gate = Gate(self.cfg, name, catalogue, security_cfg, submitted_by,
                          capacity=self.cfg.max_ongoing_requests * self.cfg.most_replicas, keys=keys)
         self.engines = engines  # version -> DeploymentHandle of its Ray Serve LLM deployment
+        from .llm import engine_kwargs
+
+        # vLLM takes n up to 16384 (VLLM_MAX_N_SEQUENCES): one request could fill the engine's batch many times over.
+        self.max_n = int(engine_kwargs(self.cfg, with_lora=False).get("max_num_seqs") or 1)
         self._handles: dict[tuple, Any] = {}
 
     @api.get("/health")
@@ -119,11 +159,12 @@ class LLMIngress:
     async def models(self, request: Request):
         return self.gate.models(self.gate.auth(request.headers.get("authorization")))
 
-    @api.post("/v1/completions")
+    # The body is read and checked by _parse (400s naming the field); openapi_extra only documents it.
+    @api.post("/v1/completions", openapi_extra=request_body_doc(chat=False))
     async def completions(self, request: Request):
         return await self._serve(request, chat=False)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=request_body_doc(chat=True))
     async def chat_completions(self, request: Request):
         return await self._serve(request, chat=True)
 
@@ -207,6 +248,10 @@ class LLMIngress:
             param = e.parameter or None
             raise APIError(400, f"{param + ': ' if param else ''}{e.args[0] if e.args else e}", param=param,
                            code="invalid_value") from None
+        except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
+            # vLLM's model validators read some fields before their types are checked and fail on a wrong type
+            # (`"messages": false`, `"structured_outputs": []`): a bad request, not a server error
+            raise malformed_request(cls, body, e) from None
         extra = sorted((req.model_extra or {}).keys())
         if extra:  # vLLM would ignore it with a log line; a client deserves to know its option did nothing
             raise APIError(400, f"{extra[0]}: not a field of this endpoint's {'chat ' if chat else ''}completion "
@@ -221,6 +266,10 @@ class LLMIngress:
         elif not 1 <= int(asked) <= limit:
             raise APIError(400, f"{name}: {asked} is out of range; use 1 to {limit} (serve.max_tokens_limit)",
                            param=name, code="invalid_value")
+        n = getattr(req, "n", None)
+        if n is not None and not 1 <= n <= self.max_n:
+            raise APIError(400, f"n: {n} is out of range; use 1 to {self.max_n} (the engine's max_num_seqs, "
+                           f"serve.max_batch_size)", param="n", code="invalid_value")
         if chat:
             from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import stat
 import tempfile
 from typing import Any, Optional
 
@@ -97,8 +98,13 @@ def check_tool_call_parser(name: Optional[str]) -> None:
 def replica_env(cfg: ServeConfig) -> dict[str, str]:
     env = {"VLLM_CPU_KVCACHE_SPACE": f"{cfg.kv_cache_gib:g}"}
     if cfg.num_gpus_per_replica <= 0:
-        threads = min(os.cpu_count() or 1, cfg.torch_threads or max(1, int(cfg.num_cpus_per_replica)))
-        env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
+        # vLLM's CPU worker pins its threads to the cores VLLM_CPU_OMP_THREADS_BIND lists. One list for every replica
+        # ("0-N") put all replicas of a node on the same cores while the others idled (two replicas, both on core 0);
+        # unpinned, the OS spreads them, and OMP_NUM_THREADS holds each to the CPUs it reserved. A
+        # VLLM_CPU_OMP_THREADS_BIND set where `rayft serve` runs is passed on as it is.
+        threads = cfg.torch_threads or max(1, int(cfg.num_cpus_per_replica))
+        env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        env["OMP_NUM_THREADS"] = str(threads)
     # Registry and storage sources are fetched in the replica, on any node: where the object store is goes with it.
     # Secrets (storage credentials, the artifact key) never travel in a runtime_env, which Ray shows to anyone who
     # can read the cluster's state: a node has them from its own environment or a mounted file (security.key_file).
@@ -152,17 +158,58 @@ def build_deployment(cfg: ServeConfig, model_id: str, version: str, source: str,
                                "security": security}})
 
 
+PRIVATE_PREFIX = "rayft-replica-"
+
+
 class PrivateFolder:
-    """A 0700 folder for a replica's decrypted files, removed when the replica stops (or its process exits)."""
+    """A 0700 folder for a replica's decrypted files, removed when the replica stops (or its process exits). Its name
+    holds the replica's process id: a replica killed outright (SIGKILL, the OOM killer) cannot remove its folder, so
+    the next replica started on the node removes every such folder whose process is gone."""
 
     def __init__(self):
         import atexit
 
-        self.path = tempfile.mkdtemp(prefix="rayft-replica-")  # mkdtemp: mode 0700
+        remove_orphaned_private_folders()
+        self.path = tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{os.getpid()}-")  # mkdtemp: mode 0700
         atexit.register(self.remove)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def remove_orphaned_private_folders(root: Optional[str] = None) -> list[str]:
+    """Remove the private folders (decrypted copies) of replicas whose process no longer runs: folders of this user
+    named `rayft-replica-<pid>-...` in the temp folder. Returns the folders removed."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return removed
+    for name in names:
+        pid = name[len(PRIVATE_PREFIX):].split("-", 1)[0]
+        if not name.startswith(PRIVATE_PREFIX) or not pid.isdigit():
+            continue
+        path = os.path.join(root, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or _process_alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def prepare(uri: str, tracking_uri: Optional[str], security: dict, private: PrivateFolder) -> str:

