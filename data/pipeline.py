@@ -71,18 +71,43 @@ def load_tokenizer(spec: TokenizerSpec):
     if _in_ray_worker():
         os.environ.setdefault("RAYON_NUM_THREADS", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers import AutoTokenizer
-
     try:
-        tok = AutoTokenizer.from_pretrained(
-            spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
-        )
+        if _generic_fast_tokenizer(spec):
+            # The class the folder names itself: AutoTokenizer would build the same one, after importing torch (through
+            # the model configs), seconds of every Ray worker's first task.
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast.from_pretrained(spec.name_or_path)
+        else:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(
+                spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+            )
     except OSError as e:
         raise SourceError(
             f"model.tokenizer {spec.name_or_path!r} cannot be loaded: {e}. Give a hub id or a folder holding "
             f"tokenizer files (for a local test model: rayft tiny-model DIR)"
         ) from None
     return tok
+
+
+GENERIC_FAST_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def _generic_fast_tokenizer(spec: TokenizerSpec) -> bool:
+    """A local tokenizer folder whose config names the generic fast tokenizer class (Llama 3's, rayft's tiny models')."""
+    import os
+
+    path = os.path.join(spec.name_or_path, "tokenizer_config.json")
+    if spec.trust_remote_code or not os.path.isfile(path) or not os.path.isfile(
+            os.path.join(spec.name_or_path, "tokenizer.json")):
+        return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("tokenizer_class") in GENERIC_FAST_TOKENIZERS
+    except (OSError, ValueError):
+        return False
 
 
 def _in_ray_worker() -> bool:
@@ -549,8 +574,10 @@ def select_split(batch: pa.Table, split: str, weights: dict, seed: int) -> pa.Ta
     """Rows of one split; in train, each row repeated by its source weight (deterministically)."""
     import pyarrow.compute as pc
 
-    t = batch.filter(pc.and_(pc.equal(batch["reason"], ""), pc.equal(batch["split"], split)))
-    t = t.select(["source_idx", "key", "input_ids", "loss_mask"])
+    t = batch.select(["source_idx", "key", "input_ids", "loss_mask"])
+    keep = pc.and_(pc.equal(batch["reason"], ""), pc.equal(batch["split"], split))
+    if not pc.all(keep).as_py():  # filtering copies the token lists; most batches of train keep every row
+        t = t.filter(keep)
     if split != "train" or all(w == 1.0 for w in weights.values()) or t.num_rows == 0:
         return t
     take = []
@@ -626,11 +653,10 @@ def prepare(
             read_units, batch_format="pyarrow", batch_size=1,
             fn_kwargs={"plans": plan_of, "redact_pii": cfg.redact_pii, "raw_limit": cfg.rejects_sample_chars,
                        "counts": counts, "filesystems": {p.index: _filesystem_of(p.files) for p in plans}},
-            # Its own operator, not fused with rendering (Ray Data fuses map steps of the same concurrency): the
-            # tokenizing, most of the work, then spreads over every block rather than over the read units, which
-            # may be fewer than the CPUs (a CSV file or a JSON array is one unit).
-            concurrency=len(units),
-        ).map_batches(render_batch, batch_format="pyarrow", batch_size=BLOCK_ROWS,
+        # Blocks of BLOCK_ROWS rows (a read task's output would otherwise be one block of up to the block size):
+        # rendering, most of the work, then runs as a task per block, spread over every CPU, even when there are
+        # fewer read units than CPUs (a CSV file or a JSON array is one unit).
+        ).repartition(target_num_rows_per_block=BLOCK_ROWS).map_batches(render_batch, batch_format="pyarrow", batch_size=BLOCK_ROWS,
                       fn_kwargs={"spec": tokenizer, "cfg": conf, "split_of": split_of}).materialize()
         offsets = unit_offsets(units, ray.get(counts.get.remote()))
     finally:
