@@ -271,6 +271,12 @@ class LLMIngress:
             raise APIError(400, f"n: {n} is out of range; use 1 to {self.max_n} (the engine's max_num_seqs, "
                            f"serve.max_batch_size)", param="n", code="invalid_value")
         if chat:
+            for i, m in enumerate(req.messages):
+                # vLLM's model also takes messages in gpt-oss's harmony layout (an `author` instead of a `role`), which
+                # its chat renderer then fails on (KeyError: 'role', a 500; found by fuzzing)
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                    raise APIError(400, f"messages[{i}].role: missing; every message needs a role (system, user, "
+                                   f"assistant, tool)", param=f"messages[{i}].role", code="invalid_value")
             from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
 
             req = _sanitize_chat_completion_request(req)  # Ray 2.60's fix for pickling message iterables

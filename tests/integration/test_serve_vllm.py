@@ -219,9 +219,11 @@ def test_bad_requests_are_400_naming_the_field(server, body, param, words):
 
 
 def test_bodies_vllm_cannot_read_are_400_naming_the_field(server):
-    """vLLM's request models read some fields in validators that run before the types are checked; such bodies (found
-    by fuzzing) were 500s."""
+    """Bodies vLLM's request models take but cannot use (found by fuzzing; they were 500s): a field its validators read
+    before its type is checked, a message in gpt-oss's harmony layout (no role) that its chat renderer fails on."""
     for path, body, param in [("chat/completions", {"model": "tiny", "messages": False}, "messages"),
+                              ("chat/completions", {"model": "tiny", "messages": [*HELLO, {"author": {"role": "tool"}}]},
+                               "messages[1].role"),
                               ("completions", {"model": "tiny", "prompt": "hi", "structured_outputs": []},
                                "structured_outputs")]:
         status, _, text = _http(f"{server['url']}/v1/{path}", body)

@@ -266,8 +266,10 @@ def test_engine_replicas_follow_load_up_and_back_down(server):
         return running_replicas(server["app"], ENGINE_DEPLOYMENT)
 
     assert running() == 1
-    # Twice the target in flight (and no more than the ingress admits: max_ongoing_requests x max_replicas).
-    body = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 32, "temperature": 1.0, "ignore_eos": True}
+    # Twice the target in flight (and no more than the ingress admits: max_ongoing_requests x max_replicas). Long
+    # answers keep them in flight with few requests a second, so that the proxy, the ingress and these clients leave
+    # the second replica's start most of a core (with 32-token answers it took 73 s against 32 s for a restart).
+    body = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 256, "temperature": 1.0, "ignore_eos": True}
     load = ClosedLoopLoad(f"{server['url']}/v1/completions", body, concurrency=2 * VLLM_TARGET_ONGOING,
                           headers=AUTH).start()
     try:
