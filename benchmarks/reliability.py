@@ -21,7 +21,8 @@ Per fault it prints: what was injected, whether the system recovered, the time t
                        boundary and stop; the group restarts on the head from that checkpoint
     S3 SIGTERM         SIGTERM to every Ray Train worker (a spot machine's shutdown): the same, noticed by the
                        workers' own handler
-    replica kill       the Serve replica process is SIGKILLed under closed-loop load; Serve restarts it
+    replica kill       the engine replica's process (vLLM's, behind rayft's ingress; --serve-engine hf: the hf replica)
+                       is SIGKILLed under closed-loop load; Serve restarts it
     soak               steady closed-loop load for --soak-s seconds: errors, latency, replica memory growth
 
 Exit status 0 only if every fault was recovered from. Time to recover: training, from the fault (automatic recovery) or from the re-run (manual recovery) until the
@@ -37,7 +38,8 @@ same fault without a notice) in the same run.
     .venv/bin/python benchmarks/reliability.py --quick    # 12-step runs, a 30-second soak
 Both take 13-15 minutes on a shared 2-core machine, mostly Ray, data and DeepSpeed start-up of the training runs.
     .venv/bin/python benchmarks/reliability.py --quick --only s3,preempt   # the two-node cluster cases only
-    options: --steps N --every K --soak-s S --concurrency C --workdir DIR --out results.json --only a,b
+    options: --steps N --every K --soak-s S --concurrency C --serve-engine vllm|hf --workdir DIR --out results.json
+             --only a,b
 
 The model is rayft's tiny Llama (no weights can be downloaded here) and the sample data of the quickstart.
 """
@@ -409,62 +411,82 @@ def free_port() -> int:
 
 
 def serving_faults(args, model_dir: str) -> list[dict]:
+    """The replica kill and the soak on one Serve app. vllm engine (the default): the engine replica (Ray Serve LLM's
+    vLLM replica, behind rayft's ingress) is killed, and its memory counts vLLM's engine processes under it; hf: the
+    one replica that is both."""
     import psutil
     from ray import serve
 
-    from rayft.serve.app import build_app
+    from rayft.serve.app import start
     from rayft.serve.config import ServeConfig
-    from tests.serve_helpers import ClosedLoopLoad, recovery, replica_pids
+    from tests.serve_helpers import ENGINE_DEPLOYMENT, ClosedLoopLoad, recovery, replica_pids
 
+    engine = getattr(args, "serve_engine", "vllm")
     app = "rayft-reliability"
     port = free_port()
-    cfg = ServeConfig(model=model_dir, model_name="tiny", port=port, num_cpus_per_replica=1, torch_threads=1,
-                      batch_wait_timeout_s=0.02, max_batch_size=8, max_tokens_limit=64)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg, model_dir), name=app, route_prefix="/", blocking=False)
+    common = dict(engine=engine, model=model_dir, model_name="tiny", port=port, num_cpus_per_replica=1,
+                  max_tokens_limit=64)
+    if engine == "vllm":
+        cfg = ServeConfig(**common, max_model_len=512)
+        deployment = ENGINE_DEPLOYMENT
+    else:
+        cfg = ServeConfig(**common, torch_threads=1, batch_wait_timeout_s=0.02, max_batch_size=8)
+        deployment = "rayft-openai"
+    start(cfg, model_dir, app_name=app)
     url = f"http://127.0.0.1:{port}/v1/completions"
     body = {"model": "tiny", "prompt": "hello", "max_tokens": args.max_tokens, "temperature": 0}
     rows = []
+
+    def tree_rss_mib(p) -> float:
+        procs = [p, *p.children(recursive=True)]
+        return sum(x.memory_info().rss for x in procs if x.is_running()) / 2**20
+
     try:
         # -- replica kill under load
-        (victim,) = replica_pids(app)
+        (victim,) = replica_pids(app, deployment)
         load = ClosedLoopLoad(url, body, args.concurrency).start()
         time.sleep(5)
         t_kill = time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        deadline = t_kill + 120
+        deadline = t_kill + 240
         while time.monotonic() < deadline:
             rec = recovery(load.snapshot(), t_kill)
             if rec["recovered"] and time.monotonic() - t_kill - rec["time_to_recover_s"] > 10:
                 break
             time.sleep(0.5)
-        rec = recovery(load.stop(), t_kill)
-        new = replica_pids(app)
-        rows.append(row("replica kill under load", f"SIGKILL to the replica (pid {victim}), {args.concurrency} clients",
+        records = load.stop()
+        rec = recovery(records, t_kill)
+        failed = [r for r in records if r[2] != 200]
+        in_flight = sum(1 for r in failed if r[0] < t_kill < r[1])
+        json_errors = sum(1 for r in failed if r[3].lstrip().startswith("{") and "Traceback" not in r[3])
+        new = replica_pids(app, deployment)
+        rows.append(row("replica kill under load",
+                        f"SIGKILL to the {engine} engine replica (pid {victim}), {args.concurrency} clients",
                         rec["recovered"] and rec["failed_after_recovery"] == 0 and new and new != [victim],
                         rec["time_to_recover_s"], f"{rec['failed']} of {rec['requests']} requests",
-                        f"statuses of failures {rec['failed_statuses']}; {rec.get('ok_after_recovery', 0)} ok after "
+                        f"statuses of failures {rec['failed_statuses']}, {in_flight} of them in flight at the kill, "
+                        f"{json_errors} answered with a JSON error; {rec.get('ok_after_recovery', 0)} ok after "
                         f"recovery, {rec['failed_after_recovery']} failed; new replica pid {new}"))
         # -- soak
-        (pid,) = replica_pids(app)
+        (pid,) = replica_pids(app, deployment)
         replica = psutil.Process(pid)
         load = ClosedLoopLoad(url, body, args.concurrency).start()
         samples = []
         t0 = time.monotonic()
         while time.monotonic() - t0 < args.soak_s:
             time.sleep(1.0)
-            samples.append(replica.memory_info().rss / 2**20)
+            samples.append(tree_rss_mib(replica))
         records = load.stop()
         failed = [r for r in records if r[2] != 200]
         lat = sorted(r[1] - r[0] for r in records if r[2] == 200)
         q = max(1, len(samples) // 4)
         settled, end = statistics.median(samples[q:2 * q]), max(samples[-q:])
         bounded = end - settled < max(64.0, 0.1 * settled)
-        rows.append(row("soak", f"{args.soak_s:.0f}s at {args.concurrency} concurrent clients", not failed and bounded,
-                        None, f"{len(failed)} of {len(records)} requests",
+        rows.append(row("soak", f"{args.soak_s:.0f}s at {args.concurrency} concurrent clients ({engine} engine)",
+                        not failed and bounded, None, f"{len(failed)} of {len(records)} requests",
                         f"{len(records) / args.soak_s:.1f} req/s, p50 {lat[len(lat) // 2]:.3f}s p99 "
-                        f"{lat[int(len(lat) * 0.99)]:.3f}s; replica RSS {settled:.0f} -> {end:.0f} MiB "
-                        f"({end - settled:+.1f})"))
+                        f"{lat[int(len(lat) * 0.99)]:.3f}s; replica RSS (with its child processes) {settled:.0f} -> "
+                        f"{end:.0f} MiB ({end - settled:+.1f})"))
     finally:
         serve.delete(app)
         serve.shutdown()
@@ -498,6 +520,7 @@ def main(argv=None) -> int:
     ap.add_argument("--soak-s", type=float, default=None, help="soak duration (default 180, quick 30)")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--serve-engine", choices=["vllm", "hf"], default="vllm", help="the serving cases' engine")
     ap.add_argument("--only", default="driver,worker,corrupt,storage,s3,preempt,serve",
                     help="comma-separated subset of driver,worker,corrupt,storage,s3,preempt,serve (s3: the S3 worker "
                          "kill and node loss on a two-node cluster; preempt: a drain and SIGTERM there, with the "
