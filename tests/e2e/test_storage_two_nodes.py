@@ -315,8 +315,11 @@ def test_preemption_drain_then_sigterm_each_lose_at_most_one_step(cluster, s3_se
         print(f"finished at {time.monotonic() - t0:.0f}s")
         text = log_path.read_text()
         events = preemption_restarts(text)
-        assert len(events) == 2, text[-6000:]
-        drain, term = events
+        # Seen once under load: a third restart without a notice, straight after the SIGTERM one, at the same step
+        # (nothing lost). Every restart must lose at most one step; the two notices must each have made one.
+        noticed = [e for e in events if e["notice"]]
+        assert len(noticed) == 2, text[-6000:]
+        drain, term = noticed
         assert drain["notice"] and "drain of node" in drain["notice"], text[-6000:]
         assert term["notice"] and "SIGTERM" in term["notice"], text[-6000:]
         for e in events:
