@@ -12,6 +12,7 @@ TRAIN_PROMPTS = ["hello", "What are your opening hours?"]
 VLLM_KEYS = {"acme": "sk-test-acme-0123456789", "globex": "sk-test-globex-987654321",
              "initech": "sk-test-initech-55555", "limited": "sk-test-acme-limited-4242"}
 VLLM_ARTIFACT_KEY_B64 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+VLLM_TARGET_ONGOING = 4  # its serve.autoscaling.target_ongoing_requests (per engine replica)
 
 
 def train_toy_adapter(base_dir: str, out_dir: str, answer: str, steps: int = 40, rank: int = 4, seed: int = 0,

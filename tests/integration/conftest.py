@@ -27,7 +27,6 @@ def toy_adapters(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
 # below), so it never holds its memory through the rest of the suite.
 
 VLLM_APP = "vllm"
-VLLM_TARGET_ONGOING = 4  # per engine replica (serve.autoscaling.target_ongoing_requests)
 _vllm_app: dict = {}
 
 
@@ -51,7 +50,13 @@ def _start_vllm_app(tiny_model_dir, toy_adapters, root, repo_root) -> dict:
     from rayft.serve.app import start
     from rayft.serve.auth import hash_key
     from rayft.serve.config import ABSplit, ABVersion, AutoscalingSettings, ServeConfig
-    from tests.serve_helpers import VLLM_ARTIFACT_KEY_B64, VLLM_KEYS, merge_toy_adapter, register_champion_adapter
+    from tests.serve_helpers import (
+        VLLM_ARTIFACT_KEY_B64,
+        VLLM_KEYS,
+        VLLM_TARGET_ONGOING,
+        merge_toy_adapter,
+        register_champion_adapter,
+    )
 
     key_file = root / "artifact.key"
     key_file.write_text(VLLM_ARTIFACT_KEY_B64)

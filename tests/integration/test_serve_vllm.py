@@ -220,12 +220,15 @@ def test_bad_requests_are_400_naming_the_field(server, body, param, words):
 
 def test_bodies_vllm_cannot_read_are_400_naming_the_field(server):
     """Bodies vLLM's request models take but cannot use (found by fuzzing; they were 500s): a field its validators read
-    before its type is checked, a message in gpt-oss's harmony layout (no role) that its chat renderer fails on."""
+    before its type is checked, a message in gpt-oss's harmony layout (no role) that its chat renderer fails on, an
+    integer beyond 64 bits (the engine gets the request as msgpack)."""
     for path, body, param in [("chat/completions", {"model": "tiny", "messages": False}, "messages"),
                               ("chat/completions", {"model": "tiny", "messages": [*HELLO, {"author": {"role": "tool"}}]},
                                "messages[1].role"),
                               ("completions", {"model": "tiny", "prompt": "hi", "structured_outputs": []},
-                               "structured_outputs")]:
+                               "structured_outputs"),
+                              ("chat/completions", {"model": "tiny", "messages": HELLO,
+                                                    "ec_transfer_params": {"k": -(2**63) - 1}}, "ec_transfer_params.k")]:
         status, _, text = _http(f"{server['url']}/v1/{path}", body)
         assert status == 400 and json.loads(text)["error"]["param"] == param, text
 

@@ -9,7 +9,7 @@ five adapters and an A/B split, API keys, autoscaling from 1 to 2 replicas per e
   the decrypted adapter copy of the old one do not outlive it, and every request sent after the first success succeeds;
 - a soak at steady concurrency: no errors, and the engine replica's memory (with vLLM's engine processes) stays bounded;
 - autoscaling: closed-loop clients keep twice the target of requests in flight, so Serve adds a second engine replica
-  (on other cores than the first); once they stop, it goes back to one. The earlier tests' clients stay under the
+  (not pinned to the first one's cores); once they stop, it goes back to one. The earlier tests' clients stay under the
   target, so they run on one replica;
 - last: the application stops, and every private folder (decrypted copies) goes with its replica.
 """
@@ -30,8 +30,7 @@ pytest.importorskip("vllm", reason="the vllm engine needs vLLM: pip install 'ray
 import schemathesis  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from tests.integration.conftest import VLLM_TARGET_ONGOING  # noqa: E402
-from tests.serve_helpers import ENGINE_DEPLOYMENT, VLLM_KEYS  # noqa: E402
+from tests.serve_helpers import ENGINE_DEPLOYMENT, VLLM_KEYS, VLLM_TARGET_ONGOING  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
