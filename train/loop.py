@@ -69,6 +69,7 @@ class WorkerState:
     attempt_tokens: float = 0.0  # non-pad tokens since this attempt started
     attempt_time_s: float = 0.0  # step time since this attempt started
     loop_start_s: float = 0.0
+    last_ray_report_s: float = 0.0  # time.monotonic() of this worker's last ray.train.report
     preemption: Any = None  # PreemptionWatch (preemption.py): a drain of this node or SIGTERM to this worker
 
 
@@ -82,6 +83,7 @@ class StepResult:
     examples: float
     time_s: float
     notice_ranks: float = 0.0  # how many ranks had a preemption notice when the step ended
+    ray_report_due: bool = True  # rank 0's clock says Ray Train may take a metrics-only report (`report`)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -116,7 +118,7 @@ def train_loop_per_worker(config: dict) -> None:
                 # A node about to go: this step's checkpoint is the one the run resumes from, so it loses nothing.
                 with_checkpoint = evaluated or checkpoint_due(state) or noticed_at_s is not None
                 if metrics or with_checkpoint:
-                    report(state, metrics, with_checkpoint)
+                    report(state, metrics, with_checkpoint, to_ray_train=stats.ray_report_due)
                 if noticed_at_s is not None and not finished(state):
                     stop_for_preemption(state, stats, noticed_at_s)
                 if epoch_done:  # the next epoch reads its rows from the start
@@ -287,13 +289,17 @@ def train_step(state: WorkerState, window: list) -> StepResult:
         state.engine.backward(loss * state.world / max(tokens, 1.0), scale_wrt_gas=False)
         state.engine.step()
     # The preemption flag rides on this all-reduce: every rank learns at the same step that one of them was told.
-    loss_sum, notice_ranks = all_sum(state, loss_sum, 1.0 if state.preemption.notice() else 0.0)
+    # So does rank 0's view of whether a metrics-only report to Ray Train is due: every rank must make the same
+    # number of reports (each one is a barrier), so one clock decides.
+    report_due = state.rank == 0 and time.monotonic() - state.last_ray_report_s >= ray_report_interval_s()
+    loss_sum, notice_ranks, report_due = all_sum(state, loss_sum, 1.0 if state.preemption.notice() else 0.0,
+                                                 1.0 if report_due else 0.0)
     state.progress.global_step += 1
     state.progress.step_in_epoch += 1
     dt = time.perf_counter() - t0
     state.attempt_tokens += nonpad
     state.attempt_time_s += dt
-    return StepResult(loss_sum, tokens, nonpad, examples, dt, notice_ranks)
+    return StepResult(loss_sum, tokens, nonpad, examples, dt, notice_ranks, report_due > 0)
 
 
 def token_loss_sum(state: WorkerState, rows: dict):
@@ -349,6 +355,7 @@ def step_metrics(state: WorkerState, step: StepResult) -> dict:
         # figure `rayft plan` plans on CPU (benchmarks/memory_plan.py compares them).
         "peak_rss_over_baseline_mb": most / 2**20, "peak_rss_over_baseline_mb_min": -least / 2**20,
         "train_tokens": state.attempt_tokens, "train_time_s": state.attempt_time_s,
+        "loop_time_s": time.perf_counter() - state.loop_start_s,  # wall clock: steps, reports, checkpoints, evals
     }
     if torch.cuda.is_available() and state.train.use_gpu:
         metrics["gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -476,9 +483,19 @@ def checkpoint_due(state: WorkerState) -> bool:
             or state.progress.stopped_early)
 
 
-def report(state: WorkerState, metrics: dict, with_checkpoint: bool) -> None:
-    """The step's metrics to MLflow and the driver's terminal (rank 0), then to Ray Train with or without a
-    checkpoint."""
+def ray_report_interval_s() -> float:
+    """How often a metrics-only report goes to Ray Train: its controller takes one report per worker each time it
+    polls the workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default), and a report made before the previous
+    one was taken waits for it. Reporting every step had held a fast loop at one step per poll (measured: the tiny
+    model's 20 steps, 1.5 s of compute, took 20 s, the training thread waiting in Ray's report queue 95% of the
+    time)."""
+    return float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
+
+
+def report(state: WorkerState, metrics: dict, with_checkpoint: bool, to_ray_train: bool = True) -> None:
+    """The step's metrics to MLflow and the driver's terminal (rank 0), then to Ray Train with a checkpoint, or
+    without one when `to_ray_train` (at most once per controller poll, see `ray_report_interval_s`; MLflow and the
+    terminal get every logging step, and every checkpoint, eval and the last step reach Ray Train and Tune)."""
     from rayft.registry.tracking import log_metrics
 
     p, total = state.progress, state.plan["total_steps"]
@@ -496,10 +513,13 @@ def report(state: WorkerState, metrics: dict, with_checkpoint: bool) -> None:
                    "elapsed_s": time.perf_counter() - state.loop_start_s, "start_step": state.start_step})
     if with_checkpoint:
         save_checkpoint(state, metrics)
-    else:
+    elif to_ray_train:
         import ray.train
 
         ray.train.report(metrics)
+    else:
+        return
+    state.last_ray_report_s = time.monotonic()
 
 
 def save_checkpoint(state: WorkerState, metrics: dict) -> None:
