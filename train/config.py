@@ -110,7 +110,7 @@ class TrainConfig(_Section):
     keep_best_checkpoints: int = Field(
         default=2, ge=1, description="Checkpoints kept: the best K by eval loss plus the latest."
     )
-    logging_every_n_steps: int = Field(default=1, ge=1, description="Report metrics to Ray and MLflow every N steps.")
+    logging_every_n_steps: int = Field(default=1, ge=1, description="Log metrics to MLflow and the terminal every N steps. Ray Train (and Tune) gets every checkpoint, eval and the last step, and other steps' metrics at most once per its controller's poll (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`, 2 s): a report before the last was taken would wait for it.")
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping, description="Stop on a plateau of eval loss.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward to save memory.")
     seed: int = Field(default=0, description="Seed for LoRA init, dropout and the training data order.")
