@@ -133,10 +133,11 @@ def run_rayft(paths: dict, tok_dir: str, max_len: int) -> dict:
     cpu = tree_cpu_s(os.getpid()) - cpu
     rep = prepared.report
     tr = rep["splits"]["train"]
+    phases = prepared.phase_seconds
     del prepared
     ray.shutdown()  # each run starts cold: new workers, which import and load the tokenizer within the clock
     return {"seconds": secs, "cpu_s": cpu, "load": f"{load} -> {loadavg()}", "ray_start_s": ray_start,
-            "driver_tokenizer_load_s": tok_load, "rows_in": rep["totals"]["read"], "kept": rep["totals"]["kept"],
+            "driver_tokenizer_load_s": tok_load, "phase_seconds": phases, "rows_in": rep["totals"]["read"], "kept": rep["totals"]["kept"],
             "non_pad_tokens": tr["tokens"] + rep["splits"]["eval"]["tokens"], "padding_waste": tr["padding_waste"],
             "rows_out": tr["rows"]}
 
@@ -219,6 +220,11 @@ def main() -> int:
     print(f"\n(rayft: Ray start-up {ours['ray_start_s']:.1f}s and the driver's tokenizer load "
           f"{ours['driver_tokenizer_load_s']:.1f}s not counted; {ours['kept']} kept of {ours['rows_in']}, "
           f"packed into {ours['rows_out']} blocks; CPU s: every process of each side, Ray's included)")
+    for i, r in enumerate(runs["rayft"], 1):  # where rayft's time goes: each phase ends at a barrier
+        util = r["cpu_s"] / (r["seconds"] * (os.cpu_count() or 1))
+        print(f"rayft run {i} by phase: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}s"
+                                                     for k, v in r["phase_seconds"].items())
+              + f"; the CPUs busy {100 * util:.0f}% of the run")
 
     def tok_per(r, key):
         return r["non_pad_tokens"] / r[key]

@@ -146,6 +146,8 @@ class Prepared:
     packed: bool
     pad_token_id: int
     plans: list[SourcePlan] = field(default_factory=list)
+    # Wall seconds of each phase of `prepare` (each ends at a barrier: the next phase needs all of its output).
+    phase_seconds: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------- planning
@@ -662,14 +664,19 @@ def prepare(
     finally:
         ray.kill(counts)
     log(f"read, normalised and tokenized {rendered.count()} rows in {time.perf_counter() - t0:.1f}s")
+    phases, mark = {}, _phase_clock(t0)
+    phases["read_and_tokenize"] = mark()
 
     duplicates = find_duplicates(rendered, partitions=max(2, rendered.count() // 250_000 + 1)) if cfg.dedup else []
+    phases["dedup"] = mark()
     files = {u["unit"]: u["file"] for u in units}
     rendered = rendered.map_batches(finish_rows, batch_format="pyarrow", batch_size=None, fn_kwargs={
         "duplicates": duplicates, "offsets": offsets, "files": files}).materialize()
     del duplicates
+    phases["mark_rows"] = mark()
 
     report = count_rows(cfg, plans, rendered, tokenizer)
+    phases["report"] = mark()
     totals = report["totals"]
     weights = {p.index: float(p.config["weight"]) for p in plans}
     out = {}
@@ -684,14 +691,29 @@ def prepare(
             pack_batch, batch_format="pyarrow", batch_size=pack_batch_rows,
             fn_kwargs={"block_len": cfg.max_seq_length, "pad_id": pad_id, "packing": cfg.packing},
         ).materialize()
+    phases["split_and_pack"] = mark()
     rejects = rendered.select_columns(list(REJECT_FIELDS)).map_batches(
         _rejected_rows, batch_format="pyarrow", batch_size=_rows_per_task(totals["read"], totals["rejected"]),
     ).materialize()
 
     add_split_stats(report, cfg, out["train"], out["eval"], micro_batch_size)
+    phases["rejects_and_stats"] = mark()
     report["seconds"] = round(time.perf_counter() - t0, 2)
+    log(f"data stage {report['seconds']:.1f}s: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}s" for k, v in phases.items()))
     eval_ds = out["eval"] if report["totals"]["eval_examples"] > 0 else None
-    return Prepared(out["train"], eval_ds, rejects, report, cfg.packing, pad_id, plans)
+    return Prepared(out["train"], eval_ds, rejects, report, cfg.packing, pad_id, plans, phases)
+
+
+def _phase_clock(start: float) -> Callable[[], float]:
+    """Seconds since the previous call (the first: since `start`)."""
+    last = [start]
+
+    def mark() -> float:
+        now = time.perf_counter()
+        took, last[0] = now - last[0], now
+        return round(took, 2)
+
+    return mark
 
 
 def _rows_per_task(rows: int, selected: int, want: int = 4096, most: int = 1 << 16) -> int:

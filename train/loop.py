@@ -7,7 +7,6 @@ so every rank takes the same number of steps and a resumed run follows the same 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -222,12 +221,11 @@ def resume(state: WorkerState, required: bool) -> None:
     )
 
     latest = ray.train.get_checkpoint()
-    # Ray's checkpoint may be a temporary download (remote storage), and a checkpoint from the bucket is downloaded
-    # into `scratch`: load everything before they go away.
-    with (latest.as_directory() if latest is not None else contextlib.nullcontext()) as latest_dir, \
-            tempfile.TemporaryDirectory(prefix="rayft-resume-") as scratch:
-        path = choose_resume_checkpoint(latest_dir, state.run_dir, warn=lambda m: state.say("warning: " + m),
-                                        scratch=scratch)
+    # A checkpoint in object storage is downloaded into this worker's own `scratch` (Ray's latest and the bucket's
+    # alike): load everything before it goes away.
+    with tempfile.TemporaryDirectory(prefix="rayft-resume-") as scratch:
+        path = choose_resume_checkpoint(_local_copy(latest, scratch), state.run_dir,
+                                        warn=lambda m: state.say("warning: " + m), scratch=scratch)
         if path is None and required:
             raise WorkerError(f"--resume: no intact checkpoint under {state.run_dir}")
         if path is not None:
@@ -250,6 +248,20 @@ def resume(state: WorkerState, required: bool) -> None:
                       f"{state.progress.global_step}")
     state.last_saved = path
     state.start_step = state.progress.global_step
+
+
+def _local_copy(checkpoint, scratch: str) -> Optional[str]:
+    """Ray's latest checkpoint as a local folder: itself on a local filesystem, else a download into this worker's
+    `scratch`. Not `Checkpoint.as_directory()`: its download folder is shared by the workers of a node, and a second
+    worker that takes the folder's lock after the first one finished downloads again over the files the first is
+    reading (seen: two workers restarted on one node, one read an empty state.json and the group then hung)."""
+    if checkpoint is None:
+        return None
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return checkpoint.path
+    return checkpoint.to_directory(os.path.join(scratch, "ray-latest"))
 
 
 # -------------------------------------------------------------------------------------- train step

@@ -280,7 +280,9 @@ def _wait_for(pattern: str, log: Path, proc, timeout_s: float = 600, after: int 
 
 def test_preemption_drain_then_sigterm_each_lose_at_most_one_step(cluster, s3_setup, mlflow_server, tiny_model_dir,
                                                                    tmp_path):
-    """Checkpoints only every 100 steps, so anything resumed past step 0 is the preemption's own checkpoint.
+    """No checkpoint but the preemptions' own and the last one (every 1000 steps, past the run's end), so anything
+    resumed past step 0 is a preemption's checkpoint. The run is long enough (400 steps) for a drain notice, which
+    Ray Train's watcher polls for every 5 s, to find it still going: the tiny model trains several steps a second.
 
     1. `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION` on the worker node (what the autoscaler and spot
        integrations send): Ray Train's watcher tells every worker; they checkpoint at the next step boundary, stop,
@@ -288,8 +290,8 @@ def test_preemption_drain_then_sigterm_each_lose_at_most_one_step(cluster, s3_se
     2. SIGTERM to every Ray Train worker (now on the head): the same, noticed by the workers' own handler."""
     s3, env = s3_setup, _env(cluster)
     work = _scratch(tmp_path, "preempt")
-    cfg_path = _config(work, cluster, s3, mlflow_server, tiny_model_dir, "preempt", max_steps=20, max_failures=3,
-                       save_every_n_steps=100, eval_every_n_steps=100, logging_every_n_steps=1,
+    cfg_path = _config(work, cluster, s3, mlflow_server, tiny_model_dir, "preempt", max_steps=400, max_failures=3,
+                       save_every_n_steps=1000, eval_every_n_steps=1000, logging_every_n_steps=1,
                        placement_strategy="SPREAD")
     log_path = work / "train.log"
     log = open(log_path, "w")
@@ -325,7 +327,7 @@ def test_preemption_drain_then_sigterm_each_lose_at_most_one_step(cluster, s3_se
         for e in events:
             assert e["resumed_at"] >= 2 and e["furthest"] - e["resumed_at"] <= 1, (e, text[-6000:])
         run = json.loads(s3.filesystem().open_input_stream(f"{BUCKET}/runs/preempt/rayft_run.json").read())
-        assert run["status"] == "finished" and run["metrics"]["global_step"] == 20, run
+        assert run["status"] == "finished" and run["metrics"]["global_step"] == 400, run
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
