@@ -207,6 +207,19 @@ def test_tiny_model_writes_a_loadable_model_and_tokenizer(tmp_path):
     assert len(tok("password", add_special_tokens=False)["input_ids"]) <= 2
 
 
+def test_tiny_model_width_is_a_flag_and_a_bad_width_is_refused(tmp_path):
+    import json
+
+    out = tmp_path / "wide"
+    r = run("script", "tiny-model", out, "--hidden-size", "256", cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert (config["hidden_size"], config["head_dim"], config["num_attention_heads"]) == (256, 64, 4)
+    r = run("script", "tiny-model", tmp_path / "bad", "--hidden-size", "100", cwd=tmp_path)
+    assert r.returncode == 2 and "error: --hidden-size 100: must be a positive multiple of 64" in r.stderr, r.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_missing_tokenizer_is_a_user_error(minimal_config, tmp_path):
     r = run("script", "data", "inspect", minimal_config, "--set", f"model.name_or_path={tmp_path / 'no-model'}", cwd=tmp_path)
     assert r.returncode == 2
