@@ -252,6 +252,9 @@ def main() -> int:
     ap.add_argument("--levels", default="1,8,32", help="closed-loop concurrency levels of the engines suite")
     ap.add_argument("--no-lora", action="store_true", help="engines suite: skip the 8-adapter run")
     ap.add_argument("--dtype", default="auto", help="vllm engine dtype (serve.dtype; auto is float32 on CPU)")
+    ap.add_argument("--max-lora-rank", type=int, default=8,
+                    help="vllm engine: serve.max_lora_rank of the 8-adapter run (the adapters are rank 4; vLLM pads "
+                         "every adapter to this rank, and 8 is the smallest size it offers above 4)")
     args = ap.parse_args()
 
     from ray import serve
@@ -392,7 +395,7 @@ def compare_engines(args, base: str, merged: str, adapters: dict[str, str]) -> i
     T, M = args.time_limit_s, args.max_tokens
     results: dict = {"setup": {"hidden_size": args.hidden_size, "layers": args.layers, "max_tokens": M,
                                "requests_per_level": args.requests, "time_limit_s": T, "cpus": os.cpu_count(),
-                               "vllm_dtype": args.dtype}}
+                               "vllm_dtype": args.dtype, "vllm_max_lora_rank": args.max_lora_rank}}
 
     def closed(label, models, levels):
         load(port, "/bench", models, 2, 4, T, M)  # warm-up
@@ -427,7 +430,7 @@ def compare_engines(args, base: str, merged: str, adapters: dict[str, str]) -> i
         serve.delete("bench")
     if not args.no_lora:
         lora_cfg = engines["vllm"].model_copy(update={"model": base, "model_name": "b", "adapters": adapters,
-                                                      "adapter_cache_size": 8})
+                                                      "adapter_cache_size": 8, "max_lora_rank": args.max_lora_rank})
         deploy(lora_cfg, base, "bench")
         results["vllm_lora8_mixed"] = closed("vllm, base + 8 adapters", [f"b:ad{i}" for i in range(8)], [32])
         serve.delete("bench")

@@ -26,6 +26,7 @@ from typing import Any, Optional
 from .config import ServeConfig, ServeStartError
 
 CPU_DTYPE_ENV = "RAYFT_VLLM_CPU_DTYPE"
+CPU_PRELOAD_ENV = "RAYFT_VLLM_CPU_PRELOAD"
 
 
 def engine_kwargs(cfg: ServeConfig, with_lora: bool) -> dict[str, Any]:
@@ -58,6 +59,23 @@ def cpu_dtype() -> str:
     prompts (a 3-token prompt on an AMX machine here), which would take every request of the replica down with it;
     `serve.dtype: bfloat16` opts in where that has been checked."""
     return os.environ.get(CPU_DTYPE_ENV) or "float32"
+
+
+def cpu_preload() -> str:
+    """LD_PRELOAD for a CPU engine replica: Intel OpenMP (libiomp5.so of the intel-openmp package, which vLLM's CPU
+    build installs), as vLLM's CPU guide advises. Measured here (serve_load's model, 32 streams): the replica's
+    output tokens/s went from 259 to 438 with it. RAYFT_VLLM_CPU_PRELOAD where `rayft serve` runs replaces it (a
+    colon-separated list, for example with tcmalloc added; empty: preload nothing)."""
+    if CPU_PRELOAD_ENV in os.environ:
+        return os.environ[CPU_PRELOAD_ENV]
+    try:
+        from importlib.metadata import PackageNotFoundError, files
+
+        found = [f for f in files("intel-openmp") or () if f.name == "libiomp5.so"]
+    except (PackageNotFoundError, ImportError):
+        return ""
+    path = str(found[0].locate().resolve()) if found else ""
+    return path if path and os.path.isfile(path) else ""
 
 
 def check_engine_kwargs(kwargs: dict) -> None:
@@ -105,6 +123,9 @@ def replica_env(cfg: ServeConfig) -> dict[str, str]:
         threads = cfg.torch_threads or max(1, int(cfg.num_cpus_per_replica))
         env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         env["OMP_NUM_THREADS"] = str(threads)
+        preload = cpu_preload()
+        if preload:
+            env["LD_PRELOAD"] = preload
     # Registry and storage sources are fetched in the replica, on any node: where the object store is goes with it.
     # Secrets (storage credentials, the artifact key) never travel in a runtime_env, which Ray shows to anyone who
     # can read the cluster's state: a node has them from its own environment or a mounted file (security.key_file).

