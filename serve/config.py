@@ -113,8 +113,8 @@ class ServeConfig(_Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto",
         description="vllm engine: weight and activation dtype. `auto`: the model's on GPUs (bfloat16 or float16), "
-        "float32 on CPUs (vLLM 0.29's CPU bfloat16 path crashes its engine on some short prompts; set bfloat16 "
-        "only where you checked it).",
+        "float32 on CPUs (vLLM 0.29's bfloat16 attention kernel for AMX CPUs kills the engine with SIGILL on models "
+        "with few attention heads: 2 and 4 did, 8 did not; set bfloat16 only where you checked your model).",
     )
     max_model_len: Optional[int] = Field(
         default=None, ge=16, description="vllm engine: context length served (prompt + answer); unset: the model's."

@@ -55,9 +55,11 @@ def engine_kwargs(cfg: ServeConfig, with_lora: bool) -> dict[str, Any]:
 
 
 def cpu_dtype() -> str:
-    """float32 on CPUs. vLLM 0.29's CPU build in bfloat16 kills its engine (the worker dies of SIGILL) on some short
-    prompts (a 3-token prompt on an AMX machine here), which would take every request of the replica down with it;
-    `serve.dtype: bfloat16` opts in where that has been checked."""
+    """float32 on CPUs. In bfloat16 on a CPU with AMX, vLLM 0.29 picks its AMX attention kernel
+    (`cpu_attention_with_kv_cache`, isa "amx"), which kills the engine's worker with SIGILL on models with few
+    attention heads, and every request of the replica with it: reproduced in an offline `vllm.LLM` (no Ray), on the
+    first prompt, with 2 and 4 query heads of 64 (the tiny models at width 128 and 256); 8 heads (width 512) served.
+    `serve.dtype: bfloat16` opts in where the model has been checked."""
     return os.environ.get(CPU_DTYPE_ENV) or "float32"
 
 
