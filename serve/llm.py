@@ -65,8 +65,8 @@ def cpu_dtype() -> str:
 
 def cpu_preload() -> str:
     """LD_PRELOAD for a CPU engine replica: Intel OpenMP (libiomp5.so of the intel-openmp package, which vLLM's CPU
-    build installs), as vLLM's CPU guide advises. Measured here (serve_load's model, 32 streams): the replica's
-    output tokens/s went from 259 to 438 with it. RAYFT_VLLM_CPU_PRELOAD where `rayft serve` runs replaces it (a
+    build installs), as vLLM's CPU guide advises. Measured in consecutive runs of benchmarks/serve_load.py (32 streams):
+    251 output tokens/s without it, 429 and 439 with it. RAYFT_VLLM_CPU_PRELOAD where `rayft serve` runs replaces it (a
     colon-separated list, for example with tcmalloc added; empty: preload nothing)."""
     if CPU_PRELOAD_ENV in os.environ:
         return os.environ[CPU_PRELOAD_ENV]
